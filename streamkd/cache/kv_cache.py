@@ -1,0 +1,163 @@
+"""The streaming KV cache: sink frames plus a ring-buffer window, preallocated once.
+
+Legend: N layers, B batch, S cache tokens (= slots x tokens per frame), H heads, D head dim.
+
+Storage is two tensors ``k_NBSHD`` / ``v_NBSHD`` allocated at construction; nothing is copied
+per chunk except the new chunk's own keys and values. Slots are whole frames:
+
+    slots [0, sink_frames)                               the first frames of the stream, kept forever
+    slots [sink_frames, sink_frames + window_frames)     a ring over the most recent other frames
+
+Bookkeeping (which frame sits in which slot, how many frames were written) lives on the host as
+Python integers, so the hot loop never synchronises with the device.
+
+Keys are stored *before* RoPE. Positions are re-based on every read following
+``streamkd.attention.layout``: visible frames are numbered contiguously ``sinks, window, chunk``.
+While nothing has been evicted that is the absolute frame index; afterwards positions stop
+growing at ``sink_frames + window_frames + chunk_frames - 1``, so an unbounded stream never sees a
+position it was not trained on. Rotating cached keys at read time is an elementwise pass over the
+cache, far cheaper than the attention that follows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVCacheSnapshot:
+    """A detached copy of a cache, for sessions that pause, branch or reset."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    frames_written: int
+
+
+class KVCache:
+    """Self-attention keys/values of every layer for one stream (or a batch of streams)."""
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        batch_size: int,
+        tokens_per_frame: int,
+        num_heads: int,
+        head_dim: int,
+        sink_frames: int,
+        window_frames: int,
+        chunk_frames: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if window_frames < chunk_frames:
+            raise ValueError(
+                f"window_frames ({window_frames}) must be >= chunk_frames ({chunk_frames}): a chunk "
+                "written into a smaller ring would overwrite itself; raise window_frames"
+            )
+        if sink_frames < 0:
+            raise ValueError(f"sink_frames must be >= 0, got {sink_frames}")
+        self.num_layers = num_layers
+        self.tokens_per_frame = tokens_per_frame
+        self.sink_frames = sink_frames
+        self.window_frames = window_frames
+        self.chunk_frames = chunk_frames
+        num_slots = sink_frames + window_frames
+        shape = (num_layers, batch_size, num_slots * tokens_per_frame, num_heads, head_dim)
+        self.k_NBSHD = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_NBSHD = torch.zeros(shape, dtype=dtype, device=device)
+        self.frames_written = 0
+        self._pending: int | None = None
+
+    # ----------------------------------------------------------------------------------- host side
+    @property
+    def batch_size(self) -> int:
+        return self.k_NBSHD.shape[1]
+
+    @property
+    def num_sinks_filled(self) -> int:
+        return min(self.sink_frames, self.frames_written)
+
+    @property
+    def num_window_filled(self) -> int:
+        return min(self.window_frames, max(0, self.frames_written - self.sink_frames))
+
+    @property
+    def num_filled(self) -> int:
+        """Visible frames; they always occupy slots ``[0, num_filled)``."""
+        return self.num_sinks_filled + self.num_window_filled
+
+    def slot_of(self, frame: int) -> int:
+        if frame < self.sink_frames:
+            return frame
+        return self.sink_frames + (frame - self.sink_frames) % self.window_frames
+
+    def slot_positions(self) -> list[int]:
+        """RoPE position of each filled slot, in slot order (see module docstring).
+
+        Sinks keep positions ``0..n_sink-1``; ring slot ``r`` holds window frame ``j`` and gets
+        ``n_sink + (j - oldest)``, its rank in the window, oldest first.
+        """
+        n_sink, n_win = self.num_sinks_filled, self.num_window_filled
+        oldest = self.frames_written - n_win
+        first_ring = (oldest - self.sink_frames) % self.window_frames if n_win else 0
+        ranks = [(ring - first_ring) % self.window_frames for ring in range(n_win)]
+        return list(range(n_sink)) + [n_sink + rank for rank in ranks]
+
+    @property
+    def query_position(self) -> int:
+        """RoPE position of the first frame of the next chunk."""
+        return self.num_filled
+
+    # --------------------------------------------------------------------------------- device side
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (no copy) of the filled keys and values of ``layer``: ``(B, S, H, D)`` each."""
+        n = self.num_filled * self.tokens_per_frame
+        return self.k_NBSHD[layer, :, :n], self.v_NBSHD[layer, :, :n]
+
+    def write(self, layer: int, k_BLHD: torch.Tensor, v_BLHD: torch.Tensor) -> None:
+        """Store the un-rotated keys/values of the chunk that follows the written frames.
+
+        Every layer writes the same chunk; ``commit`` then advances the frame counter once.
+        """
+        T = self.tokens_per_frame
+        num_frames = k_BLHD.shape[1] // T
+        assert k_BLHD.shape[1] == num_frames * T, "chunk is not a whole number of frames"
+        assert self._pending in (None, num_frames), "layers wrote chunks of different lengths"
+        self._pending = num_frames
+        for i in range(num_frames):
+            slot = self.slot_of(self.frames_written + i)
+            self.k_NBSHD[layer, :, slot * T : (slot + 1) * T] = k_BLHD[:, i * T : (i + 1) * T]
+            self.v_NBSHD[layer, :, slot * T : (slot + 1) * T] = v_BLHD[:, i * T : (i + 1) * T]
+
+    def commit(self) -> None:
+        """Advance past the chunk every layer has just written."""
+        assert self._pending is not None, "commit without write"
+        self.frames_written += self._pending
+        self._pending = None
+
+    def reset(self) -> None:
+        """Forget the stream; storage is kept (and stale values are never read)."""
+        self.frames_written = 0
+        self._pending = None
+
+    def snapshot(self) -> KVCacheSnapshot:
+        n = self.num_filled * self.tokens_per_frame
+        return KVCacheSnapshot(
+            self.k_NBSHD[:, :, :n].clone(), self.v_NBSHD[:, :, :n].clone(), self.frames_written
+        )
+
+    def restore(self, snap: KVCacheSnapshot) -> None:
+        n = snap.k.shape[2]
+        if snap.k.shape[:2] != self.k_NBSHD.shape[:2] or snap.k.shape[3:] != self.k_NBSHD.shape[3:]:
+            raise ValueError("snapshot was taken from a cache of a different shape")
+        self.k_NBSHD[:, :, :n] = snap.k
+        self.v_NBSHD[:, :, :n] = snap.v
+        self.frames_written = snap.frames_written
+        self._pending = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.k_NBSHD.nbytes + self.v_NBSHD.nbytes

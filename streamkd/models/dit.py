@@ -1,0 +1,354 @@
+"""One Wan-style diffusion transformer for teacher, critic and causal student.
+
+Legend: B batch, C latent channels, F latent frames, H/W latent height/width, T tokens per frame,
+L tokens (F*T), Lc prompt tokens, E model width, N heads, D head dim.
+
+The architecture follows Wan2.1 (3D patch embedding, 3D RoPE, AdaLN modulation from a shared
+timestep projection plus a learned per-block table, RMS q/k norm across heads, cross-attention to
+prompt tokens, GELU-tanh FFN, modulated output head), so diffusers' ``WanTransformer3DModel``
+weights convert one-to-one (``streamkd.models.wan``). Two generalisations serve streaming:
+
+* **Per-frame timesteps and actions.** ``t_BF`` gives every latent frame its own noise level, so a
+  clean conditioning frame (image-to-video: frame 0 at t=0) and clean cached history live in the
+  same sequence as noisy frames. An optional action embedding is added to the timestep embedding
+  of its frame, before the shared projection, so actions steer the AdaLN modulation of exactly the
+  frame they apply to.
+* **Attention mode is a runtime choice**, not a model type:
+    - bidirectional  (``layout=None, cache=None``): every token sees every token -- teacher, critic;
+    - block-causal   (``layout=CausalLayout``): the full sequence under the chunked causal rule of
+      ``streamkd.attention.layout`` -- student training, and the reference for streaming;
+    - cached         (``cache=KVCache``): one chunk of queries against the cache plus itself;
+      ``write_cache=True`` also stores the chunk's keys/values (the clean pass of streaming).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from streamkd.attention.dispatch import attention
+from streamkd.attention.layout import CausalLayout, block_causal_mask
+from streamkd.cache.kv_cache import KVCache
+from streamkd.models.rope import Rope3D, apply_rope
+
+
+@dataclass
+class DiTConfig:
+    """Shape of the transformer. Every size in the code derives from these fields."""
+
+    in_channels: int = 16
+    """Latent channels in (codec latent channels)."""
+    out_channels: int = 16
+    """Latent channels out (flow-matching velocity)."""
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    """(frames, rows, columns) per token. Causal modes need 1 frame per token."""
+    num_layers: int = 6
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads; width = num_heads * head_dim."""
+    head_dim: int = 48
+    """Channels per head (RoPE splits it over frames/rows/columns)."""
+    ffn_dim: int = 768
+    """Hidden width of the feed-forward network."""
+    text_dim: int = 64
+    """Width of the prompt embeddings fed to cross-attention (4096 for Wan's T5)."""
+    freq_dim: int = 256
+    """Sinusoidal timestep embedding width."""
+    num_actions: int = 0
+    """Discrete actions for world-model conditioning; 0 disables it (plain Wan)."""
+    cross_attn_norm: bool = True
+    """LayerNorm (with affine) before cross-attention, as in Wan2.1."""
+    eps: float = 1e-6
+    """Epsilon of every norm."""
+    rope_max_seq_len: int = 1024
+    """Largest RoPE position per axis."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(self.patch_size)
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be three positive ints, got {self.patch_size}")
+        if self.head_dim < 6 or self.head_dim % 2:
+            raise ValueError(f"head_dim must be even and >= 6 for 3D RoPE, got {self.head_dim}")
+        if self.num_actions < 0:
+            raise ValueError(f"num_actions must be >= 0 (0 disables actions), got {self.num_actions}")
+
+    @property
+    def dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+# ------------------------------------------------------------------------------------ attention
+@dataclass
+class _SelfAttnPlan:
+    """How self-attention runs in this forward; built once, shared by all blocks."""
+
+    mode: Literal["full", "chunked", "cached"]
+    cos: torch.Tensor | None = None  # query (and, in "full", key) rotation
+    sin: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    cache: KVCache | None = None
+    write_cache: bool = False
+    cache_cos: torch.Tensor | None = None
+    cache_sin: torch.Tensor | None = None
+    # "chunked": per query chunk (query token slice, key token index, q cos/sin, k cos/sin)
+    chunks: list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+
+class Attention(nn.Module):
+    """Multi-head attention with RMS q/k norm across heads (Wan's ``rms_norm_across_heads``)."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float, kv_dim: int | None = None):
+        super().__init__()
+        inner = num_heads * head_dim
+        kv_dim = kv_dim or dim
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(kv_dim, inner)
+        self.to_v = nn.Linear(kv_dim, inner)
+        self.to_out = nn.Linear(inner, dim)
+        self.norm_q = nn.RMSNorm(inner, eps=eps)
+        self.norm_k = nn.RMSNorm(inner, eps=eps)
+
+    def qkv(self, x_BLE: torch.Tensor, ctx_BSE: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q = self.norm_q(self.to_q(x_BLE)).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.to_k(ctx_BSE)).unflatten(-1, (self.num_heads, -1))
+        v = self.to_v(ctx_BSE).unflatten(-1, (self.num_heads, -1))
+        return q, k, v
+
+    def cross(self, x_BLE: torch.Tensor, ctx_BSE: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x_BLE, ctx_BSE)
+        return self.to_out(attention(q, k, v).flatten(2))
+
+    def self_attn(self, x_BLE: torch.Tensor, plan: _SelfAttnPlan, layer: int) -> torch.Tensor:
+        q_BLND, k_BLND, v_BLND = self.qkv(x_BLE, x_BLE)
+        if plan.mode == "full":
+            q, k = apply_rope(q_BLND, plan.cos, plan.sin), apply_rope(k_BLND, plan.cos, plan.sin)
+            out_BLND = attention(q, k, v_BLND, plan.mask)
+        elif plan.mode == "cached":
+            cache = plan.cache
+            kc_BSND, vc_BSND = cache.read(layer)
+            q = apply_rope(q_BLND, plan.cos, plan.sin)
+            k_all = torch.cat([apply_rope(kc_BSND, plan.cache_cos, plan.cache_sin), apply_rope(k_BLND, plan.cos, plan.sin)], 1)
+            v_all = torch.cat([vc_BSND, v_BLND], 1)
+            out_BLND = attention(q, k_all, v_all)
+            if plan.write_cache:
+                cache.write(layer, k_BLND.detach(), v_BLND.detach())
+        else:  # "chunked": reference path when sinks and window have a gap; see attention.layout
+            outs = []
+            for q_slice, k_index, q_cos, q_sin, k_cos, k_sin in plan.chunks:
+                q = apply_rope(q_BLND[:, q_slice], q_cos, q_sin)
+                k = apply_rope(k_BLND[:, k_index], k_cos, k_sin)
+                outs.append(attention(q, k, v_BLND[:, k_index]))
+            out_BLND = torch.cat(outs, 1)
+        return self.to_out(out_BLND.flatten(2))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _layer_norm(x: torch.Tensor, eps: float, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+    """LayerNorm computed in fp32 (Wan's FP32LayerNorm), affine only when ``norm`` is given."""
+    if norm is None:
+        return nn.functional.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    return nn.functional.layer_norm(x.float(), x.shape[-1:], norm.weight.float(), norm.bias.float(), eps)
+
+
+def _modulate(x_BLE: torch.Tensor, shift_BFE: torch.Tensor, scale_BFE: torch.Tensor, eps: float) -> torch.Tensor:
+    """``norm(x) * (1 + scale) + shift`` with per-frame shift/scale broadcast over the frame's tokens."""
+    B, L, E = x_BLE.shape
+    num_f = shift_BFE.shape[1]
+    x_BFTE = _layer_norm(x_BLE, eps).view(B, num_f, L // num_f, E)
+    out = x_BFTE * (1 + scale_BFE[:, :, None]) + shift_BFE[:, :, None]
+    return out.view(B, L, E).type_as(x_BLE)
+
+
+def _gated_add(x_BLE: torch.Tensor, y_BLE: torch.Tensor, gate_BFE: torch.Tensor) -> torch.Tensor:
+    B, L, E = x_BLE.shape
+    num_f = gate_BFE.shape[1]
+    y_BFTE = y_BLE.float().view(B, num_f, L // num_f, E) * gate_BFE[:, :, None]
+    return (x_BLE.float() + y_BFTE.view(B, L, E)).type_as(x_BLE)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        E = cfg.dim
+        self.eps = cfg.eps
+        # 1. self-attention (AdaLN-modulated, gated)
+        self.self_attn = Attention(E, cfg.num_heads, cfg.head_dim, cfg.eps)
+        # 2. cross-attention to the prompt tokens
+        self.cross_norm = nn.LayerNorm(E, eps=cfg.eps) if cfg.cross_attn_norm else None
+        self.cross_attn = Attention(E, cfg.num_heads, cfg.head_dim, cfg.eps)
+        # 3. feed-forward (AdaLN-modulated, gated)
+        self.ffn = FeedForward(E, cfg.ffn_dim)
+        # per-block offsets added to the shared timestep projection: (shift, scale, gate) x 2
+        self.modulation = nn.Parameter(torch.randn(1, 1, 6, E) / E**0.5)
+
+    def forward(
+        self, x_BLE: torch.Tensor, ctx_BLcE: torch.Tensor, tproj_BF6E: torch.Tensor, plan: _SelfAttnPlan, layer: int
+    ) -> torch.Tensor:
+        shift1, scale1, gate1, shift3, scale3, gate3 = (self.modulation + tproj_BF6E.float()).unbind(2)
+        # 1. self-attention
+        h = self.self_attn.self_attn(_modulate(x_BLE, shift1, scale1, self.eps), plan, layer)
+        x_BLE = _gated_add(x_BLE, h, gate1)
+        # 2. cross-attention
+        h = _layer_norm(x_BLE, self.eps, self.cross_norm).type_as(x_BLE) if self.cross_norm else x_BLE
+        x_BLE = x_BLE + self.cross_attn.cross(h, ctx_BLcE)
+        # 3. feed-forward
+        h = self.ffn(_modulate(x_BLE, shift3, scale3, self.eps))
+        return _gated_add(x_BLE, h, gate3)
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[cos(t w_i), sin(t w_i)]`` with ``w_i = 10000^(-i/(dim/2))`` (diffusers' Timesteps with
+    flip_sin_to_cos=True, downscale_freq_shift=0)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        E = cfg.dim
+        # 1. patch embedding and positions
+        self.patch_embed = nn.Conv3d(cfg.in_channels, E, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.rope = Rope3D(cfg.head_dim, cfg.rope_max_seq_len, cfg.rope_theta)
+        # 2. conditioning: timestep (+ action) -> temb -> 6 modulations; prompt -> tokens of width E
+        self.time_embed = nn.Sequential(nn.Linear(cfg.freq_dim, E), nn.SiLU(), nn.Linear(E, E))
+        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(E, 6 * E))
+        self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, E), nn.GELU(approximate="tanh"), nn.Linear(E, E))
+        self.action_embed = None
+        if cfg.num_actions:
+            # one extra row = "no action" (dropped for classifier-free guidance); zero init makes
+            # adding actions to a pretrained model a no-op at step 0
+            self.action_embed = nn.Embedding(cfg.num_actions + 1, E)
+            nn.init.zeros_(self.action_embed.weight)
+        # 3. blocks
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
+        # 4. output head
+        self.proj_out = nn.Linear(E, cfg.out_channels * math.prod(cfg.patch_size))
+        self.head_modulation = nn.Parameter(torch.randn(1, 1, 2, E) / E**0.5)
+
+    @property
+    def null_action(self) -> int:
+        return self.cfg.num_actions
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        _, ph, pw = self.cfg.patch_size
+        return (height // ph) * (width // pw)
+
+    def new_cache(
+        self, *, batch_size: int, height: int, width: int, sink_frames: int, window_frames: int,
+        chunk_frames: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+    ) -> KVCache:
+        """A cache sized for this model and a latent of ``height x width``."""
+        param = self.proj_out.weight
+        return KVCache(
+            num_layers=self.cfg.num_layers, batch_size=batch_size, tokens_per_frame=self.tokens_per_frame(height, width),
+            num_heads=self.cfg.num_heads, head_dim=self.cfg.head_dim, sink_frames=sink_frames,
+            window_frames=window_frames, chunk_frames=chunk_frames,
+            dtype=dtype or param.dtype, device=device or param.device,
+        )
+
+    def _plan(
+        self, num_frames: int, gh: int, gw: int, layout: CausalLayout | None, cache: KVCache | None, write_cache: bool,
+        device: torch.device,
+    ) -> _SelfAttnPlan:
+        T = gh * gw
+        if cache is not None:
+            q_pos = torch.arange(cache.query_position, cache.query_position + num_frames, device=device)
+            cos, sin = self.rope.table(q_pos, gh, gw)
+            plan = _SelfAttnPlan("cached", cos, sin, cache=cache, write_cache=write_cache)
+            if cache.num_filled:
+                c_pos = torch.tensor(cache.slot_positions(), device=device)
+                plan.cache_cos, plan.cache_sin = self.rope.table(c_pos, gh, gw)
+            else:
+                plan.cache_cos = plan.cache_sin = cos[:0]
+            return plan
+        if layout is None:
+            cos, sin = self.rope.table(torch.arange(num_frames, device=device), gh, gw)
+            return _SelfAttnPlan("full", cos, sin)
+        if not layout.evicts_within(num_frames):
+            cos, sin = self.rope.table(torch.arange(num_frames, device=device), gh, gw)
+            return _SelfAttnPlan("full", cos, sin, mask=block_causal_mask(num_frames, T, layout, device))
+        chunks = []
+        for q0 in range(0, num_frames, layout.chunk_frames):
+            q1 = min(q0 + layout.chunk_frames, num_frames)
+            frames, positions, q_first = layout.visible(q0)
+            frames += list(range(q0, q1))
+            positions += list(range(q_first, q_first + q1 - q0))
+            k_index = (torch.tensor(frames, device=device)[:, None] * T + torch.arange(T, device=device)).flatten()
+            q_cos, q_sin = self.rope.table(torch.arange(q_first, q_first + q1 - q0, device=device), gh, gw)
+            k_cos, k_sin = self.rope.table(torch.tensor(positions, device=device), gh, gw)
+            chunks.append((slice(q0 * T, q1 * T), k_index, q_cos, q_sin, k_cos, k_sin))
+        return _SelfAttnPlan("chunked", chunks=chunks)
+
+    def forward(
+        self,
+        x_BCFHW: torch.Tensor,
+        t_BF: torch.Tensor,
+        context_BLcD: torch.Tensor,
+        actions_BF: torch.Tensor | None = None,
+        *,
+        layout: CausalLayout | None = None,
+        cache: KVCache | None = None,
+        write_cache: bool = False,
+    ) -> torch.Tensor:
+        """Predict the flow-matching velocity ``noise - x0`` for every latent frame.
+
+        ``t_BF``: per-frame timesteps in [0, 1000] (a ``(B,)`` tensor is broadcast over frames).
+        ``actions_BF``: per-frame action ids, ``cfg.num_actions`` meaning "none given".
+        """
+        cfg = self.cfg
+        B, _, num_f, height, width = x_BCFHW.shape
+        pt, ph, pw = cfg.patch_size
+        if (layout is not None or cache is not None) and pt != 1:
+            raise ValueError("causal and cached attention need patch_size[0] == 1 (one frame per token)")
+        if height % ph or width % pw or num_f % pt:
+            raise ValueError(f"latent (F={num_f}, H={height}, W={width}) is not divisible by patch_size {cfg.patch_size}")
+        if layout is not None and cache is not None:
+            raise ValueError("pass either layout (full-sequence block-causal) or cache (streaming), not both")
+        gf, gh, gw = num_f // pt, height // ph, width // pw
+        if t_BF.ndim == 1:
+            t_BF = t_BF[:, None].expand(B, gf)
+        if t_BF.shape != (B, gf):
+            raise ValueError(f"timesteps must be (B,) or (B, frames) = ({B}, {gf}), got {tuple(t_BF.shape)}")
+
+        # 1. patch embedding
+        x_BLE = self.patch_embed(x_BCFHW).flatten(2).transpose(1, 2).contiguous()
+        # 2. conditioning
+        temb_BFE = self.time_embed(sinusoidal_embedding(t_BF, cfg.freq_dim).to(self.proj_out.weight.dtype))
+        if actions_BF is not None:
+            if self.action_embed is None:
+                raise ValueError("this model has no action conditioning (num_actions=0); pass actions=None")
+            temb_BFE = temb_BFE + self.action_embed(actions_BF)
+        tproj_BF6E = self.time_proj(temb_BFE).unflatten(-1, (6, -1))
+        ctx_BLcE = self.text_proj(context_BLcD)
+        plan = self._plan(gf, gh, gw, layout, cache, write_cache, x_BLE.device)
+        # 3. blocks
+        for i, block in enumerate(self.blocks):
+            x_BLE = block(x_BLE, ctx_BLcE, tproj_BF6E, plan, i)
+        if write_cache:
+            cache.commit()
+        # 4. output head and unpatchify
+        shift, scale = (self.head_modulation + temb_BFE[:, :, None].float()).unbind(2)
+        x_BLE = self.proj_out(_modulate(x_BLE, shift, scale, cfg.eps))
+        out = x_BLE.reshape(B, gf, gh, gw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.flatten(6, 7).flatten(4, 5).flatten(2, 3)

@@ -1,0 +1,125 @@
+"""The world model bundle: DiT + prompt encoder + codec, and how it is saved for inference.
+
+One checkpoint folder holds everything needed to generate: ``config.json`` (this module's
+``WorldModelConfig``) and ``model.safetensors`` (all weights, codec buffers included).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from streamkd.checkpoint import CheckpointError, atomic_save_safetensors, load_safetensors
+from streamkd.config import from_dict, to_dict
+from streamkd.data.toyworld import ACTIONS, STYLE_VOCAB, ToyWorldConfig
+from streamkd.models.codec import CodecConfig, PatchPCACodec
+from streamkd.models.conditioning import WordPromptEncoder
+from streamkd.models.dit import DiT, DiTConfig
+
+
+@dataclass
+class CausalConfig:
+    """How a causal checkpoint streams: chunking, attention sinks and window (in latent frames)."""
+
+    chunk_frames: int = 3
+    """Latent frames generated per chunk (F)."""
+    sink_frames: int = 3
+    """First frames kept in the KV cache forever."""
+    window_frames: int = 6
+    """Most recent frames kept in the KV cache ring."""
+
+    def __post_init__(self) -> None:
+        if self.chunk_frames < 1 or self.sink_frames < 0 or self.window_frames < self.chunk_frames:
+            raise ValueError(
+                "need chunk_frames >= 1, sink_frames >= 0 and window_frames >= chunk_frames; got "
+                f"{self.chunk_frames}, {self.sink_frames}, {self.window_frames}"
+            )
+
+
+@dataclass
+class WorldModelConfig:
+    dit: DiTConfig = field(default_factory=lambda: DiTConfig(num_actions=len(ACTIONS)))
+    """Transformer shape."""
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    """Toy codec shape."""
+    world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    """The toy world this model renders (frame size, camera speed)."""
+    prompt_tokens: int = 4
+    """Prompt length in words."""
+    horizon_frames: int = 12
+    """Latent frames per training clip (the teacher's horizon)."""
+    causal: CausalConfig | None = None
+    """Set for causal (streaming) checkpoints; None for bidirectional teachers."""
+
+    def __post_init__(self) -> None:
+        if self.dit.in_channels != self.codec.latent_channels or self.dit.out_channels != self.codec.latent_channels:
+            raise ValueError(
+                f"dit.in_channels/out_channels ({self.dit.in_channels}/{self.dit.out_channels}) must equal "
+                f"codec.latent_channels ({self.codec.latent_channels})"
+            )
+        latent = self.world.frame_size // self.codec.patch
+        _, ph, pw = self.dit.patch_size
+        if self.world.frame_size % self.codec.patch or latent % ph or latent % pw:
+            raise ValueError(
+                f"world.frame_size {self.world.frame_size} must divide into codec.patch {self.codec.patch} "
+                f"x dit.patch_size {self.dit.patch_size}"
+            )
+
+    @property
+    def latent_size(self) -> int:
+        return self.world.frame_size // self.codec.patch
+
+
+class WorldModel(nn.Module):
+    def __init__(self, cfg: WorldModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.dit = DiT(cfg.dit)
+        self.prompt_encoder = WordPromptEncoder(STYLE_VOCAB, cfg.prompt_tokens, cfg.dit.text_dim)
+        self.codec = PatchPCACodec(cfg.codec)
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return self.prompt_encoder(prompts)
+
+    @property
+    def is_causal(self) -> bool:
+        return self.cfg.causal is not None
+
+    def save(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Inference checkpoint: config.json + model.safetensors, each written atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in self.state_dict().items()}
+        atomic_save_safetensors(tensors, folder / "model.safetensors")
+        tmp = folder / ".config.json.tmp"
+        tmp.write_text(json.dumps(to_dict(self.cfg), indent=2))
+        tmp.replace(folder / "config.json")
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "WorldModel":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"checkpoint folder {folder} does not exist; pass a folder holding config.json and model.safetensors")
+        cfg_path = folder / "config.json"
+        try:
+            cfg = from_dict(WorldModelConfig, json.loads(cfg_path.read_text()))
+        except FileNotFoundError:
+            raise CheckpointError(f"{cfg_path} is missing; is {folder} a streamkd checkpoint?") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is corrupt") from None
+        model = cls(cfg)
+        tensors = load_safetensors(folder / "model.safetensors")
+        own = model.state_dict()
+        missing = sorted(set(own) - set(tensors))
+        extra = sorted(set(tensors) - set(own))
+        if missing or extra:
+            raise CheckpointError(f"{folder}: weights do not match config.json (missing {missing[:5]}, unexpected {extra[:5]})")
+        for name, value in tensors.items():
+            if value.shape != own[name].shape:
+                raise CheckpointError(f"{folder}: tensor {name} has shape {tuple(value.shape)}, config expects {tuple(own[name].shape)}")
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
+        return model.to(device).eval()

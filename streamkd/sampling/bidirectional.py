@@ -1,0 +1,54 @@
+"""Whole-clip sampling with a bidirectional model (the teacher): all frames denoised together.
+
+Same conventions as ``streamkd.sampling.stream`` (per-frame timesteps, frame 0 held clean for
+image-to-video, CFG as ``uncond + s (cond - uncond)`` dropping prompt and actions together).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from streamkd.models.world import WorldModel
+from streamkd.sampling.stream import guided
+
+
+@torch.no_grad()
+def sample_clip(
+    model: WorldModel,
+    sampler,
+    prompts: list[str],
+    first_frames_BHWC: torch.Tensor | None,
+    actions_BF: torch.Tensor | None,
+    num_frames: int,
+    generator: torch.Generator,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """Clean latents ``(B, C, num_frames, h, w)``."""
+    B = len(prompts)
+    param = model.dit.proj_out.weight
+    device, dtype = param.device, param.dtype
+    latent = model.cfg.latent_size
+    shape = (B, model.cfg.codec.latent_channels, num_frames, latent, latent)
+    use_cfg = guidance_scale != 1.0
+    context = model.encode_prompts(list(prompts) + ([""] * B if use_cfg else [])).to(dtype)
+    actions = None
+    if actions_BF is not None and model.dit.action_embed is not None:
+        actions = actions_BF.to(device)
+        if use_cfg:
+            actions = torch.cat([actions, torch.full_like(actions, model.dit.null_action)])
+    first = None if first_frames_BHWC is None else model.codec.encode(first_frames_BHWC[:, None]).to(device, dtype)
+    rows = 2 if use_cfg else 1
+    x = torch.randn(shape, generator=generator).to(device, dtype)
+    t_BF = torch.empty(B * rows, num_frames, device=device)
+    for i in range(sampler.num_steps):
+        if first is not None:
+            x[:, :, :1] = first
+        t_BF.fill_(1000.0 * sampler.sigmas[i])
+        if first is not None:
+            t_BF[:, 0] = 0.0
+        v = guided(model.dit(x.repeat(rows, 1, 1, 1, 1), t_BF, context, actions), B, guidance_scale)
+        noise = torch.randn(shape, generator=generator).to(device, dtype) if sampler.stochastic else None
+        x = sampler.step(v, i, x, noise)
+    if first is not None:
+        x[:, :, :1] = first
+    return x

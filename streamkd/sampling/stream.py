@@ -1,0 +1,150 @@
+"""The one chunk loop: every causal generation in streamkd goes through ``StreamGenerator``.
+
+Legend: B streams, C latent channels, F frames per chunk, h/w latent size, H/W pixels.
+
+Per chunk (Self-Forcing / CausVid style):
+    1. start from fresh noise; for each level of the sampler, run the model on the chunk against
+       the KV cache *read-only* (sinks + window, see ``streamkd.cache``), step the sampler;
+    2. one *clean pass*: the finished chunk at t = 0 runs through the model once more and writes
+       its keys/values into the cache -- later chunks see clean history, as in training;
+    3. decode the chunk with the codec's stream decoder.
+
+Image-to-video: frame 0 of the first chunk is the encoded first frame, held clean at t = 0 in
+every step (per-frame timesteps), so it conditions the rest of the chunk and then sits in the
+cache as the first sink frame.
+
+Classifier-free guidance runs conditional and unconditional streams as one batch of 2B with one
+cache; the velocity is ``v = v_uncond + s (v_cond - v_uncond)`` with ``s = guidance_scale``
+(``s = 1`` is the plain conditional model and skips the second half). "Unconditional" drops the
+prompt (the empty prompt) and the actions (the null action id) together.
+
+The offline script, the server and training rollouts all call this class; the cached result equals
+the full-sequence block-causal forward (tests/test_stream_equivalence.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from streamkd.models.world import CausalConfig, WorldModel
+
+StepHook = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""(chunk index, step index, model input x_BCFhw, timesteps t_BF, guided velocity v_BCFhw)."""
+
+
+def guided(v_2B: torch.Tensor, batch: int, scale: float) -> torch.Tensor:
+    """CFG ``uncond + scale (cond - uncond)``; the first ``batch`` rows are the conditional half."""
+    if v_2B.shape[0] == batch:
+        return v_2B
+    cond, uncond = v_2B[:batch], v_2B[batch:]
+    return uncond + scale * (cond - uncond)
+
+
+class StreamGenerator:
+    def __init__(
+        self,
+        model: WorldModel,
+        sampler,
+        *,
+        causal: CausalConfig | None = None,
+        guidance_scale: float = 1.0,
+        batch_size: int = 1,
+        on_step: StepHook | None = None,
+    ) -> None:
+        causal = causal or model.cfg.causal
+        if causal is None:
+            raise ValueError("StreamGenerator needs a causal config (chunk/sink/window); pass causal=CausalConfig(...)")
+        self.model = model
+        self.sampler = sampler
+        self.causal = causal
+        self.guidance_scale = guidance_scale
+        self.batch_size = batch_size
+        self.on_step = on_step
+        self.rows = batch_size * (2 if guidance_scale != 1.0 else 1)
+        param = model.dit.proj_out.weight
+        self.device, self.dtype = param.device, param.dtype
+        latent = model.cfg.latent_size
+        self.latent_shape = (model.cfg.codec.latent_channels, causal.chunk_frames, latent, latent)
+        self.cache = model.dit.new_cache(
+            batch_size=self.rows, height=latent, width=latent, sink_frames=causal.sink_frames,
+            window_frames=causal.window_frames, chunk_frames=causal.chunk_frames,
+        )
+        self.decoder = model.codec.stream_decoder()
+        self.chunk_index = 0
+        self.context = None
+        self.first_latent = None
+        self.generator: torch.Generator | None = None
+
+    # ------------------------------------------------------------------------------ session state
+    def reset(self, prompts: list[str], first_frames_BHWC: torch.Tensor | None, generator: torch.Generator) -> None:
+        """Start new streams: empty cache, new prompts, optional first frames (uint8)."""
+        if len(prompts) != self.batch_size:
+            raise ValueError(f"got {len(prompts)} prompts for a batch of {self.batch_size} streams")
+        self.cache.reset()
+        self.decoder = self.model.codec.stream_decoder()
+        self.chunk_index = 0
+        self.generator = generator
+        self.set_prompts(prompts)
+        self.first_latent = None
+        if first_frames_BHWC is not None:
+            with torch.no_grad():
+                self.first_latent = self.model.codec.encode(first_frames_BHWC[:, None]).to(self.device, self.dtype)
+
+    def set_prompts(self, prompts: list[str]) -> None:
+        """Prompts for the following chunks (the cached history keeps the old prompt's keys)."""
+        with torch.no_grad():
+            rows = list(prompts) + ([""] * self.batch_size if self.rows > self.batch_size else [])
+            self.context = self.model.encode_prompts(rows).to(self.dtype)
+
+    @property
+    def frames_generated(self) -> int:
+        return self.cache.frames_written
+
+    # ----------------------------------------------------------------------------------- one chunk
+    def _noise(self) -> torch.Tensor:
+        z = torch.randn((self.batch_size, *self.latent_shape), generator=self.generator, dtype=torch.float32)
+        return z.to(self.device, self.dtype)
+
+    def _rows(self, x_BCFhw: torch.Tensor) -> torch.Tensor:
+        return x_BCFhw.repeat(self.rows // self.batch_size, 1, 1, 1, 1)
+
+    def _actions(self, actions_BF: torch.Tensor | None) -> torch.Tensor | None:
+        if actions_BF is None or self.model.dit.action_embed is None:
+            return None
+        a = actions_BF.to(self.device)
+        if self.rows > self.batch_size:
+            a = torch.cat([a, torch.full_like(a, self.model.dit.null_action)])
+        return a
+
+    @torch.no_grad()
+    def next_chunk(self, actions_BF: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoise the next chunk, write it into the cache; returns its clean latents ``(B, C, F, h, w)``."""
+        F = self.causal.chunk_frames
+        if actions_BF is not None and tuple(actions_BF.shape) != (self.batch_size, F):
+            raise ValueError(f"actions must be (batch, chunk_frames) = ({self.batch_size}, {F}), got {tuple(actions_BF.shape)}")
+        actions = self._actions(actions_BF)
+        fixed = self.first_latent is not None and self.chunk_index == 0  # frame 0 is given
+        x = self._noise()
+        t_BF = torch.empty(self.rows, F, device=self.device)
+        for i in range(self.sampler.num_steps):
+            if fixed:
+                x[:, :, :1] = self.first_latent
+            t_BF.fill_(1000.0 * self.sampler.sigmas[i])
+            if fixed:
+                t_BF[:, 0] = 0.0
+            v = guided(self.model.dit(self._rows(x), t_BF, self.context, actions, cache=self.cache), self.batch_size, self.guidance_scale)
+            if self.on_step is not None:
+                self.on_step(self.chunk_index, i, x.clone(), t_BF[: self.batch_size].clone(), v)
+            x = self.sampler.step(v, i, x, self._noise() if self.sampler.stochastic else None)
+        if fixed:
+            x[:, :, :1] = self.first_latent
+        # clean pass: history enters the cache at t = 0
+        self.model.dit(self._rows(x), torch.zeros_like(t_BF), self.context, actions, cache=self.cache, write_cache=True)
+        self.chunk_index += 1
+        return x
+
+    def decode(self, latents_BCFhw: torch.Tensor) -> torch.Tensor:
+        """uint8 frames ``(B, F, H, W, 3)`` of a chunk, through the streaming decoder."""
+        return self.decoder.push(latents_BCFhw)

@@ -1,0 +1,264 @@
+"""Teacher pretraining on the toy world: bidirectional flow matching with CFG dropout.
+
+Launch: ``streamkd train teacher --config configs/toyworld/teacher.yaml [key.sub=value ...]``.
+
+Objective (rectified flow, Lipman et al. 2023 / SD3 eq. 1): for clean latents ``x0``, noise ``e``
+and a per-clip level ``s`` (logit-normal, SD3 sec. 3.1), the model at ``x_s = (1-s) x0 + s e`` is
+regressed onto ``v = e - x0`` with a mean-squared error. Image-to-video: with probability
+``i2v_prob`` frame 0 is kept clean (t = 0) and left out of the loss, so the teacher learns to
+continue a given first frame. Classifier-free guidance: the prompt is replaced by the empty
+prompt with probability ``prompt_dropout``, the actions by the null action with probability
+``action_dropout`` (independently).
+
+Exact resume: the data position is the step (sample ``i`` of the clip dataset is a pure function
+of ``i``), and the noise/timestep/dropout generator state is checkpointed with the weights, the
+EMA and the optimizer, so a resumed run reproduces the losses of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from streamkd.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_training_checkpoint,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_training_checkpoint,
+)
+from streamkd.config import config_diff, from_dict, to_dict
+from streamkd.data.toyworld import ToyClipDataset, collate_clips
+from streamkd.models.world import WorldModel, WorldModelConfig
+
+
+@dataclass
+class TeacherTrainConfig:
+    model: WorldModelConfig = field(default_factory=WorldModelConfig)
+    """Model, codec and toy-world shape."""
+    out_dir: str = "runs/teacher"
+    """Run folder: checkpoints/, tensorboard/, losses.jsonl, final/ (inference checkpoint)."""
+    seed: int = 0
+    """Seeds model init, data order and the noise generator."""
+    max_steps: int = 2000
+    """Optimizer steps."""
+    batch_size: int = 6
+    """Clips per step."""
+    lr: float = 4e-4
+    """AdamW peak learning rate (linear warm-up, then constant)."""
+    warmup_steps: int = 100
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    ema_decay: float = 0.995
+    """EMA of the weights kept for sampling."""
+    prompt_dropout: float = 0.1
+    """Probability of training on the empty prompt (CFG)."""
+    action_dropout: float = 0.1
+    """Probability of training on null actions (CFG)."""
+    i2v_prob: float = 0.9
+    """Probability that frame 0 is given clean (image-to-video) rather than generated."""
+    logit_normal_std: float = 1.0
+    """Std of the logit-normal noise-level distribution (mean 0)."""
+    codec_fit_clips: int = 256
+    """Training clips (4 frames each) the PCA codec is fitted on before step 0."""
+    log_every: int = 10
+    """Steps between TensorBoard/JSONL log lines."""
+    ckpt_every: int = 100
+    """Steps between checkpoints."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars (needs the `logging` extra)."""
+    threads: int = 0
+    """torch intra-op threads; 0 keeps torch's default."""
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_dropout", "action_dropout", "i2v_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.batch_size < 1 or self.max_steps < 1:
+            raise ValueError("batch_size and max_steps must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def flow_matching_loss(
+    model: WorldModel, batch: dict, cfg: TeacherTrainConfig, gen: torch.Generator
+) -> torch.Tensor:
+    """One teacher loss on a collated batch; all randomness drawn from ``gen`` in a fixed order."""
+    frames = batch["frames"]  # (B, F, H, W, 3) uint8
+    B, num_f = frames.shape[:2]
+    with torch.no_grad():
+        x0 = model.codec.encode(frames)
+    noise = torch.randn(x0.shape, generator=gen)
+    s = torch.sigmoid(torch.randn(B, generator=gen) * cfg.logit_normal_std)  # logit-normal levels
+    i2v = torch.rand(B, generator=gen) < cfg.i2v_prob
+    drop_prompt = torch.rand(B, generator=gen) < cfg.prompt_dropout
+    drop_actions = torch.rand(B, generator=gen) < cfg.action_dropout
+
+    s_BF = s[:, None].expand(B, num_f).clone()
+    s_BF[i2v, 0] = 0.0
+    s_b = s_BF[:, None, :, None, None]
+    x_t = (1 - s_b) * x0 + s_b * noise
+    target = noise - x0
+    prompts = ["" if d else p for p, d in zip(batch["prompt"], drop_prompt.tolist())]
+    actions = batch["actions"].clone()
+    actions[drop_actions] = model.dit.null_action
+    v = model.dit(x_t, 1000.0 * s_BF, model.encode_prompts(prompts), actions)
+    weight_BF = torch.ones(B, num_f)
+    weight_BF[i2v, 0] = 0.0
+    err_BF = (v.float() - target).pow(2).mean(dim=(1, 3, 4))
+    return (err_BF * weight_BF).sum() / weight_BF.sum()
+
+
+class TeacherTrainer:
+    def __init__(self, cfg: TeacherTrainConfig) -> None:
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.model = WorldModel(cfg.model)
+        self.ema = WorldModel(cfg.model).requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.data = ToyClipDataset(cfg.model.world, cfg.model.horizon_frames, base_seed=cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.out = Path(cfg.out_dir)
+
+    # --------------------------------------------------------------------------------- state
+    def _fit_codec(self) -> None:
+        fit_data = ToyClipDataset(self.cfg.model.world, 4, base_seed=self.cfg.seed + 1)
+        frames = torch.stack([fit_data[i]["frames"] for i in range(self.cfg.codec_fit_clips)])
+        self.model.codec.fit(frames)
+
+    def save(self) -> Path:
+        opt_tensors, opt_meta = optimizer_to_tensors(self.opt)
+        state = {
+            "step": self.step,
+            "data_position": self.step * self.cfg.batch_size,
+            "config": to_dict(self.cfg),
+            "optimizer": opt_meta,
+        }
+        files = {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optim": opt_tensors,
+            "rng": {"noise": self.gen.get_state(), "torch": torch.get_rng_state()},
+        }
+        return save_training_checkpoint(self.out, self.step, files, state)
+
+    def resume(self, folder: Path) -> None:
+        files, state = load_training_checkpoint(folder, ["model", "ema", "optim", "rng"])
+        saved = from_dict(TeacherTrainConfig, state["config"])
+        diff = [d for d in config_diff(saved, self.cfg) if not d.startswith(("max_steps", "log_every", "ckpt_every", "tensorboard", "threads"))]
+        if diff:
+            raise CheckpointError(
+                f"cannot resume {folder}: the config changed ({'; '.join(diff)}); restore those values or use a new out_dir"
+            )
+        self.model.load_state_dict(files["model"])
+        self.ema.load_state_dict(files["ema"])
+        optimizer_from_tensors(self.opt, files["optim"], state["optimizer"])
+        self.gen.set_state(files["rng"]["noise"])
+        torch.set_rng_state(files["rng"]["torch"])
+        self.step = state["step"]
+
+    # ---------------------------------------------------------------------------------- loop
+    def _batch(self, step: int) -> dict:
+        first = step * self.cfg.batch_size
+        return collate_clips([self.data[first + i] for i in range(self.cfg.batch_size)])
+
+    def _lr(self, step: int) -> float:
+        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        d = self.cfg.ema_decay
+        for e, p in zip(self.ema.parameters(), self.model.parameters()):
+            e.lerp_(p, 1 - d)
+        for e, b in zip(self.ema.buffers(), self.model.buffers()):
+            e.copy_(b)
+
+    def train(self, stop_after: int | None = None, progress: bool = True) -> list[float]:
+        """Run to ``max_steps`` (or ``stop_after`` more steps); returns the losses of the steps run."""
+        cfg = self.cfg
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is not None:
+            self.resume(ckpt)
+        elif self.step == 0:
+            self._fit_codec()
+            self.ema.load_state_dict(self.model.state_dict())
+        self.out.mkdir(parents=True, exist_ok=True)
+        writer = None
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RuntimeError("tensorboard is not installed: pip install 'streamkd[logging]' or set tensorboard=false") from None
+            writer = SummaryWriter(str(self.out / "tensorboard"))
+        end = cfg.max_steps if stop_after is None else min(cfg.max_steps, self.step + stop_after)
+        losses: list[float] = []
+        data_time = step_time = 0.0
+        bar = tqdm(total=end, initial=self.step, desc="teacher", disable=not progress, dynamic_ncols=True)
+        log = open(self.out / "losses.jsonl", "a")
+        try:
+            while self.step < end:
+                t0 = time.perf_counter()
+                batch = self._batch(self.step)
+                t1 = time.perf_counter()
+                for group in self.opt.param_groups:
+                    group["lr"] = self._lr(self.step)
+                loss = flow_matching_loss(self.model, batch, cfg, self.gen)
+                if not math.isfinite(loss.item()):
+                    raise NonFiniteLossError(
+                        f"step {self.step}: flow-matching loss is {loss.item()}; the last good checkpoint is "
+                        f"{latest_checkpoint(self.out)}; lower lr or raise grad_clip"
+                    )
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.opt.step()
+                self._update_ema()
+                self.step += 1
+                t2 = time.perf_counter()
+                data_time += t1 - t0
+                step_time += t2 - t0
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    record = {
+                        "step": self.step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": self._lr(self.step - 1),
+                        "samples_per_s": cfg.batch_size * len(losses) / step_time, "data_share": data_time / step_time,
+                    }
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    if writer is not None:
+                        for k, v in record.items():
+                            if k != "step":
+                                writer.add_scalar(f"teacher/{k}", v, self.step)
+                if self.step % cfg.ckpt_every == 0 or self.step == end:
+                    self.save()
+        finally:
+            bar.close()
+            log.close()
+            if writer is not None:
+                writer.close()
+        if self.step >= cfg.max_steps:
+            self.ema.save(self.out / "final")
+        return losses
+
+
+def main(cfg: TeacherTrainConfig) -> None:
+    TeacherTrainer(cfg).train()
