@@ -90,8 +90,8 @@ class TeacherTrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(ArithmeticError):
+    """A loss became NaN/inf: training stops, the last checkpoint stays the last good one."""
 
 
 def flow_matching_loss(
@@ -193,19 +193,20 @@ class TeacherTrainer:
     def train(self, stop_after: int | None = None, progress: bool = True) -> list[float]:
         """Run to ``max_steps`` (or ``stop_after`` more steps); returns the losses of the steps run."""
         cfg = self.cfg
-        ckpt = latest_checkpoint(self.out)
-        if ckpt is not None:
-            self.resume(ckpt)
-        elif self.step == 0:
-            self._fit_codec()
-            self.ema.load_state_dict(self.model.state_dict())
+        if self.step == 0:  # a fresh trainer: resume the run if it has a checkpoint, else start it
+            ckpt = latest_checkpoint(self.out)
+            if ckpt is not None:
+                self.resume(ckpt)
+            else:
+                self._fit_codec()
+                self.ema.load_state_dict(self.model.state_dict())
         self.out.mkdir(parents=True, exist_ok=True)
         writer = None
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise RuntimeError("tensorboard is not installed: pip install 'streamkd[logging]' or set tensorboard=false") from None
+                raise ValueError("tensorboard is not installed: pip install 'streamkd[logging]' or set tensorboard=false") from None
             writer = SummaryWriter(str(self.out / "tensorboard"))
         end = cfg.max_steps if stop_after is None else min(cfg.max_steps, self.step + stop_after)
         losses: list[float] = []

@@ -60,7 +60,7 @@ _TRAIN_SEED_SALT = 0xC2B2AE3D
 
 @dataclass
 class ToyWorldConfig:
-    """Size and dynamics of the toy world. Appearance comes from the prompt, layout from the seed."""
+    """Size and dynamics of the toy world (the prompt sets its look, the seed its layout)."""
 
     frame_size: int = 64
     """Height and width of a rendered frame (the camera viewport) in pixels."""
@@ -133,8 +133,9 @@ _COLOURS: dict[str, tuple[int, int, int]] = {
     "cyan": (20, 220, 230),
 }
 _SHAPES: tuple[str, ...] = ("squares", "circles", "triangles")
-# Moving objects use a colour no prompt can give landmarks, so they stay distinguishable.
-_OBJECT_RGB = (235, 40, 235)
+OBJECT_RGB: tuple[int, int, int] = (235, 40, 235)
+"""Fill colour of moving objects (with a 1 px black outline). No prompt gives landmarks or a
+biome this colour, so metrics can tell objects from the camera-fixed world."""
 
 STYLE_VOCAB: tuple[str, ...] = (*_BIOMES, "with", *_COLOURS, *_SHAPES)
 """Every word a prompt can contain, in a fixed order (token ids for the tiny text encoder)."""
@@ -206,32 +207,30 @@ def to_action_ids(actions: Sequence[int | str] | np.ndarray | torch.Tensor) -> n
         actions = actions.detach().cpu().numpy()
     if isinstance(actions, str):
         raise ValueError(f"actions must be a sequence of ids or names, got the string {actions!r}")
-    if isinstance(actions, np.ndarray) and actions.dtype.kind in "iu":
-        # Fast path for the common case (training data, eval): no per-element Python loop.
-        if actions.ndim != 1:
-            raise ValueError(f"actions must be 1-D [T], got shape {actions.shape}")
-        bad = np.flatnonzero((actions < 0) | (actions >= len(ACTIONS)))
-        if bad.size:
-            t = int(bad[0])
-            raise ValueError(
-                f"unknown action id {actions[t]} at t={t}; allowed ids 0..{len(ACTIONS) - 1} = {ACTIONS}"
-            )
-        return actions.astype(np.int64)
-    ids = []
-    for t, a in enumerate(actions):
-        if isinstance(a, str):
-            if a not in ACTIONS:
-                raise ValueError(f"unknown action name {a!r} at t={t}; allowed: {', '.join(ACTIONS)}")
-            ids.append(ACTIONS.index(a))
-        elif isinstance(a, (int, np.integer)) and not isinstance(a, bool):
-            if not 0 <= a < len(ACTIONS):
-                raise ValueError(
-                    f"unknown action id {a} at t={t}; allowed ids 0..{len(ACTIONS) - 1} = {ACTIONS}"
-                )
+    if not (isinstance(actions, np.ndarray) and actions.dtype.kind in "iu"):
+        # Lists (possibly mixing names and ids); arrays of ints skip this per-element loop.
+        ids = []
+        for t, a in enumerate(actions):
+            if isinstance(a, str):
+                if a not in ACTIONS:
+                    raise ValueError(
+                        f"unknown action name {a!r} at t={t}; allowed: {', '.join(ACTIONS)}"
+                    )
+                a = ACTIONS.index(a)
+            elif not isinstance(a, (int, np.integer)) or isinstance(a, bool):
+                raise ValueError(f"action at t={t} must be an int id or a name, got {a!r}")
             ids.append(int(a))
-        else:
-            raise ValueError(f"action at t={t} must be an int id or a name, got {a!r}")
-    return np.asarray(ids, dtype=np.int64)
+        actions = np.asarray(ids, dtype=np.int64)
+    if actions.ndim != 1:
+        raise ValueError(f"actions must be 1-D [T], got shape {actions.shape}")
+    bad = np.flatnonzero((actions < 0) | (actions >= len(ACTIONS)))
+    if bad.size:
+        t = int(bad[0])
+        raise ValueError(
+            f"unknown action id {actions[t]} at t={t}; "
+            f"allowed ids 0..{len(ACTIONS) - 1} = {', '.join(ACTIONS)}"
+        )
+    return actions.astype(np.int64)
 
 
 def camera_offsets(
@@ -249,7 +248,7 @@ def camera_offsets(
 
 
 def random_actions(rng: np.random.Generator, num_frames: int) -> np.ndarray:
-    """int64 [num_frames]: piecewise-constant random actions, each held 1..8 frames; actions[0]=0."""
+    """int64 [T]: piecewise-constant random actions, each draw held 1..8 frames; [0] is 0."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     actions = np.zeros(num_frames, dtype=np.int64)
@@ -401,7 +400,7 @@ class ToyWorld:
         map_CMM *= 1.0 - accent_w
         map_CMM += acc_ * accent_w
         map_CMM *= 1.0 + _texture(texture_kind, rng, m, bend_M=coarse[0])
-        # Round half up (values are >= 0); min first so bright texture saturates instead of wrapping.
+        # Round half up (values are >= 0); clamp first so bright texture saturates, not wraps.
         np.minimum(map_CMM, 255.0, out=map_CMM)
         map_CMM += 0.5
         map_MMC = np.stack(tuple(map_CMM), axis=-1).astype(np.uint8)
@@ -515,7 +514,7 @@ class ToyWorld:
             patch = frames_THWC[t, y0:y1, x0:x1]  # a view: writes land in the frame
             sub = (slice(y0 - y, y1 - y), slice(x0 - x, x1 - x))
             patch[self._obj_outline[sub]] = (0, 0, 0)
-            patch[self._obj_fill[sub]] = _OBJECT_RGB
+            patch[self._obj_fill[sub]] = OBJECT_RGB
 
 
 def render(
@@ -526,7 +525,7 @@ def render(
     cfg: ToyWorldConfig | None = None,
     start: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """uint8 [T, H, W, 3]: ground-truth frames of an episode; exactly deterministic in its inputs."""
+    """uint8 [T, H, W, 3]: ground-truth frames of an episode, bit-exact given its inputs."""
     return ToyWorld(cfg or ToyWorldConfig(), seed, prompt).render(actions, num_frames, start)
 
 
@@ -610,7 +609,7 @@ class ToyClipDataset(Dataset):
 
 
 def collate_clips(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack items: frames uint8 [B,T,H,W,3], actions int64 [B,T], prompt list[str], seed list[int]."""
+    """Stack items: frames uint8 [B,T,H,W,3], actions int64 [B,T], prompt/seed as lists."""
     return {
         "frames": torch.stack([item["frames"] for item in batch]),
         "actions": torch.stack([item["actions"] for item in batch]),

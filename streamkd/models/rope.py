@@ -32,6 +32,13 @@ class Rope3D(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # Module casts (.to(bf16), .half()) must not reach the angle tables: diffusers keeps Wan's
+        # RoPE in fp32 too, and bf16 angles are off by ~1e-2 at large positions.
+        super()._apply(fn, recurse)
+        self.cos, self.sin = self.cos.float(), self.sin.float()
+        return self
+
     def table(self, frame_pos: torch.Tensor, grid_h: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of shape ``(len(frame_pos) * grid_h * grid_w, D/2)`` for tokens ordered
         (frame, row, column) -- the order patch embedding flattens them in."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from streamkd.data.toyworld import ACTIONS, STYLE_VOCAB, ToyWorldConfig
 from streamkd.models.codec import CodecConfig, PatchPCACodec
 from streamkd.models.conditioning import WordPromptEncoder
 from streamkd.models.dit import DiT, DiTConfig
+from streamkd.sampling.schedule import make_sampler
 
 
 @dataclass
@@ -41,6 +43,31 @@ class CausalConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """How this checkpoint samples by default (the CLI can override each field)."""
+
+    kind: Literal["euler", "few_step"] = "euler"
+    """euler: many-step ODE (teachers); few_step: predict x0 and re-noise (distilled students)."""
+    num_steps: int = 24
+    """Denoising steps per frame (per chunk when streaming)."""
+    shift: float = 1.0
+    """Timestep shift s' = shift s / (1 + (shift - 1) s)."""
+    guidance_scale: float = 1.0
+    """CFG scale s in uncond + s (cond - uncond); 1 disables guidance (one model pass)."""
+    sigmas: list[float] | None = None
+    """Explicit few-step noise levels (decreasing, in (0, 1]); overrides num_steps/shift."""
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+
+    def make(self):
+        return make_sampler(self.kind, self.num_steps, self.shift, self.sigmas)
+
+
+@dataclass
 class WorldModelConfig:
     dit: DiTConfig = field(default_factory=lambda: DiTConfig(num_actions=len(ACTIONS)))
     """Transformer shape."""
@@ -54,6 +81,8 @@ class WorldModelConfig:
     """Latent frames per training clip (the teacher's horizon)."""
     causal: CausalConfig | None = None
     """Set for causal (streaming) checkpoints; None for bidirectional teachers."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Default sampler of this checkpoint."""
 
     def __post_init__(self) -> None:
         if self.dit.in_channels != self.codec.latent_channels or self.dit.out_channels != self.codec.latent_channels:

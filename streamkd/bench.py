@@ -1,0 +1,104 @@
+"""Benchmarks (scripts, not timed tests): streaming cost against length, teacher training speed.
+
+``bench_stream`` streams one session chunk by chunk and reports, at each milestone (frames
+generated so far), the mean wall time per chunk over the last ``window`` chunks before it and the
+process's peak RSS so far. Bounded cost means: the latency and memory at 10,000 frames are within
+10% of the 100-frame figures. Each chunk is the full loop: N denoising passes, one cache-writing
+pass, decode to RGB.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from streamkd.data.toyworld import random_actions
+from streamkd.generate import first_frame_for
+from streamkd.models.world import CausalConfig, SamplingConfig, WorldModel
+from streamkd.sampling.stream import StreamGenerator
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def bench_stream(
+    model: WorldModel,
+    sampling: SamplingConfig,
+    causal: CausalConfig | None,
+    milestones: list[int] = (100, 1000, 10000),
+    window: int = 20,
+    seed: int = 0,
+) -> dict:
+    if causal is None:
+        raise ValueError("bench stream measures the causal chunk loop: use a causal checkpoint or pass --causal")
+    prompt = "forest with red squares"
+    stream = StreamGenerator(model, sampling.make(), causal=causal, guidance_scale=sampling.guidance_scale)
+    stream.reset([prompt], torch.from_numpy(first_frame_for(model, seed, prompt))[None], torch.Generator().manual_seed(seed))
+    F = causal.chunk_frames
+    total = max(milestones)
+    actions = torch.from_numpy(random_actions(np.random.default_rng(seed), total + F))
+    chunk_ms: list[float] = []
+    latency, rss = {}, {}
+    targets = sorted(milestones)
+    done = 0
+    while targets:
+        t0 = time.perf_counter()
+        stream.decode(stream.next_chunk(actions[done : done + F][None]))
+        chunk_ms.append(1000 * (time.perf_counter() - t0))
+        done += F
+        if done >= targets[0]:
+            recent = chunk_ms[-window:]
+            latency[str(targets[0])] = float(np.mean(recent))
+            rss[str(targets[0])] = _peak_rss_mb()
+            targets.pop(0)
+    first, last = str(min(milestones)), str(max(milestones))
+    return {
+        "latency_ms": latency,
+        "peak_rss_mb": rss,
+        "latency_ratio_last_vs_first": latency[last] / latency[first],
+        "rss_ratio_last_vs_first": rss[last] / rss[first],
+        "cache_mb": stream.cache.nbytes / 2**20,
+        "fps_end_to_end_steady": 1000 * F / float(np.mean(chunk_ms[len(chunk_ms) // 10 :])),
+        "counts": (
+            f"latency_ms: wall time per chunk of {F} frames ({sampler_passes(sampling)} denoising passes + 1 cache write "
+            f"+ decode), mean of the last {window} chunks before each milestone; peak_rss_mb: process peak RSS so far"
+        ),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def sampler_passes(sampling: SamplingConfig) -> int:
+    passes = sampling.num_steps if sampling.sigmas is None else len(sampling.sigmas)
+    return passes * (2 if sampling.guidance_scale != 1.0 else 1)
+
+
+def bench_train(cfg, steps: int = 10) -> dict:
+    """Teacher-training throughput: samples/s and the share of a step spent loading data, as the
+    trainer itself measures them (wall time of whole optimizer steps, data fetch timed inside)."""
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    from streamkd.train.teacher import TeacherTrainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = replace(cfg, out_dir=tmp, max_steps=steps, ckpt_every=10**9, log_every=steps, tensorboard=False, codec_fit_clips=16)
+        TeacherTrainer(cfg).train(progress=False)
+        record = json.loads((Path(tmp) / "losses.jsonl").read_text().splitlines()[-1])
+    return {
+        "samples_per_s": record["samples_per_s"],
+        "step_s": cfg.batch_size / record["samples_per_s"],
+        "data_share": record["data_share"],
+        "batch_size": cfg.batch_size,
+        "steps": steps,
+        "counts": "samples_per_s: clips (of horizon_frames frames) per second of whole optimizer steps, first step "
+        "included; data_share: time rendering+collating batches / time of the steps",
+        "threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,222 @@
+"""``streamkd``: one command line for training, generation, evaluation and benchmarks.
+
+Every user mistake (bad config field, missing or corrupt checkpoint, bad action spec, unwritable
+output) ends in one ``error: ...`` line and exit code 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  streamkd train teacher --config configs/toyworld/teacher.yaml max_steps=200
+  streamkd generate --checkpoint checkpoints/toy_teacher --prompt "forest with red squares" \\
+      --seed 3 --actions right:16,up:8,none:4 --frames 12 --out out.mp4
+  streamkd eval --checkpoint checkpoints/toy_teacher --episodes 8 --seed 0 --frames 12 --json eval.json
+  streamkd bench stream --checkpoint checkpoints/toy_teacher --causal --json bench.json
+"""
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults come from the checkpoint's config.json)")
+    g.add_argument("--steps", type=int, help="denoising steps (per chunk when streaming)")
+    g.add_argument("--guidance", type=float, help="CFG scale s in uncond + s (cond - uncond); 1 = off")
+    g.add_argument("--shift", type=float, help="timestep shift")
+    g.add_argument("--causal", action="store_true", help="stream a bidirectional checkpoint through the causal chunk loop")
+    g.add_argument("--chunk-frames", type=int, help="frames per chunk when streaming")
+    g.add_argument("--sink-frames", type=int, help="attention-sink frames kept in the KV cache")
+    g.add_argument("--window-frames", type=int, help="recent frames kept in the KV cache ring")
+
+
+def _sampling(args, model):
+    from streamkd.generate import with_overrides
+    from streamkd.models.world import CausalConfig
+
+    sampling = with_overrides(model.cfg.sampling, num_steps=args.steps, guidance_scale=args.guidance, shift=args.shift)
+    causal = model.cfg.causal
+    if causal is None and args.causal:
+        causal = CausalConfig()
+    if causal is not None:
+        from dataclasses import replace
+
+        changes = {"chunk_frames": args.chunk_frames, "sink_frames": args.sink_frames, "window_frames": args.window_frames}
+        causal = replace(causal, **{k: v for k, v in changes.items() if v is not None})
+    elif any(v is not None for v in (args.chunk_frames, args.sink_frames, args.window_frames)):
+        raise ValueError("--chunk-frames/--sink-frames/--window-frames need a causal checkpoint or --causal")
+    return sampling, causal
+
+
+def cmd_train(args) -> None:
+    from streamkd.config import load_config
+
+    if args.what == "teacher":
+        from streamkd.train.teacher import TeacherTrainConfig, TeacherTrainer
+
+        cfg = load_config(TeacherTrainConfig, args.config, args.overrides)
+        TeacherTrainer(cfg).train(progress=not args.no_progress)
+
+
+def cmd_export(args) -> None:
+    import torch
+
+    from streamkd.checkpoint import CheckpointError, latest_checkpoint, load_training_checkpoint
+    from streamkd.config import from_dict
+    from streamkd.models.world import WorldModel
+    from streamkd.train.teacher import TeacherTrainConfig
+
+    folder = latest_checkpoint(args.run)
+    if folder is None:
+        raise CheckpointError(f"{args.run} holds no training checkpoint (checkpoints/latest is missing)")
+    files, state = load_training_checkpoint(folder, [args.weights])
+    cfg = from_dict(TeacherTrainConfig, state["config"])
+    model = WorldModel(cfg.model)
+    model.load_state_dict(files[args.weights])
+    model.save(args.out, dtype=torch.float16 if args.fp16 else None)
+    print(f"exported {args.weights} weights of {folder} (step {state['step']}) to {args.out}")
+
+
+def cmd_generate(args) -> None:
+    from tqdm import tqdm
+
+    from streamkd.data.actions import parse_action_spec
+    from streamkd.generate import first_frame_for, generate_frames
+    from streamkd.media.video import VideoWriter, check_output_path
+    from streamkd.models.world import WorldModel
+
+    check_output_path(args.out)  # before any expensive work
+    if args.frames < 1:
+        raise ValueError(f"--frames must be >= 1, got {args.frames}")
+    actions = parse_action_spec(args.actions, args.frames)
+    model = WorldModel.load(args.checkpoint)
+    sampling, causal = _sampling(args, model)
+    prompt = args.prompt
+    model.prompt_encoder.token_ids([prompt])  # unknown words fail here, before the video opens
+    first = first_frame_for(model, args.seed, prompt)
+    with VideoWriter(args.out, fps=args.fps) as writer, tqdm(total=args.frames, desc="frames", unit="f") as bar:
+        for chunk in generate_frames(model, prompt=prompt, seed=args.seed, actions=actions, first_frame=first, sampling=sampling, causal=causal):
+            writer.write(chunk)
+            bar.update(len(chunk))
+    print(f"wrote {args.frames} frames to {args.out}")
+
+
+def cmd_eval(args) -> None:
+    from streamkd.eval.run import evaluate
+    from streamkd.models.world import WorldModel
+
+    out = Path(args.json) if args.json else None
+    if out is not None and not out.parent.is_dir():
+        raise ValueError(f"--json {out}: folder {out.parent} does not exist; create it first")
+    model = WorldModel.load(args.checkpoint)
+    sampling, causal = _sampling(args, model)
+    frames = args.frames or model.cfg.horizon_frames
+    result = evaluate(model, episodes=args.episodes, seed=args.seed, frames=frames, sampling=sampling, causal=causal)
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(out)
+    print(text)
+
+
+def cmd_bench(args) -> None:
+    from streamkd import bench
+
+    if args.what == "stream":
+        from streamkd.models.world import WorldModel
+
+        if not args.checkpoint:
+            raise ValueError("bench stream needs --checkpoint FOLDER")
+        model = WorldModel.load(args.checkpoint)
+        sampling, causal = _sampling(args, model)
+        result = bench.bench_stream(model, sampling, causal, milestones=args.milestones)
+    else:
+        from streamkd.config import load_config
+        from streamkd.train.teacher import TeacherTrainConfig
+
+        if not args.config:
+            raise ValueError("bench train needs --config (e.g. configs/toyworld/teacher.yaml)")
+        result = bench.bench_train(load_config(TeacherTrainConfig, args.config, args.overrides), steps=args.train_steps)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamkd",
+        description="Distil video diffusion teachers into causal, few-step, streaming world models (toy world built in).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from a YAML config (+ key.sub=value overrides)")
+    p.add_argument("what", choices=["teacher"], help="what to train")
+    p.add_argument("--config", required=True, help="YAML file under configs/")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. max_steps=100 model.dit.num_layers=4")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to the run folder)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="turn a training run's latest checkpoint into an inference checkpoint")
+    p.add_argument("--run", required=True, help="training run folder (holds checkpoints/latest)")
+    p.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to export")
+    p.add_argument("--fp16", action="store_true", help="store float weights in fp16 (half the size)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="render a video from a checkpoint (offline, any length for causal models)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + model.safetensors)")
+    p.add_argument("--prompt", required=True, help='style prompt, e.g. "forest with red squares"')
+    p.add_argument("--seed", type=int, default=0, help="toy-world episode (first frame) and sampling seed")
+    p.add_argument("--actions", default="none", help="action spec 'right:16,up:8,none:4' (repeats to fill) or a file")
+    p.add_argument("--frames", type=int, default=12, help="frames to generate (frame 0 is the given first frame)")
+    p.add_argument("--out", required=True, help="output .mp4 (H.264)")
+    p.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="measure a checkpoint against toy-world ground truth (held-out seeds)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--episodes", type=int, default=8, help="held-out episodes")
+    p.add_argument("--seed", type=int, default=0, help="index of the first held-out episode")
+    p.add_argument("--frames", type=int, default=0, help="frames per episode (default: the model's horizon)")
+    p.add_argument("--json", help="write the result here as well")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="benchmarks: stream (latency/memory vs length) or train (samples/s)")
+    p.add_argument("what", choices=["stream", "train"])
+    p.add_argument("--checkpoint", help="bench stream: checkpoint folder")
+    p.add_argument("--milestones", type=int, nargs="+", default=[100, 1000, 10000], help="bench stream: frame counts")
+    p.add_argument("--config", help="bench train: YAML config")
+    p.add_argument("--train-steps", type=int, default=10, help="bench train: optimizer steps to time")
+    p.add_argument("overrides", nargs="*", help="bench train: config overrides")
+    p.add_argument("--json", help="write the result here as well")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, OSError, ArithmeticError) as e:
+        # user-facing errors are ValueError subclasses (ConfigError, CheckpointError, ActionSpecError,
+        # OutputPathError, ...); OSError covers unreadable/unwritable paths; ArithmeticError is a
+        # training loss gone non-finite. Anything else is a bug and keeps its traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

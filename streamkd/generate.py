@@ -1,0 +1,75 @@
+"""Generate toy-world videos from a checkpoint: the library behind ``streamkd generate`` and eval.
+
+A causal checkpoint (or any checkpoint run with ``causal=CausalConfig(...)``) streams through
+``StreamGenerator`` chunk by chunk: memory is constant in the number of frames. A bidirectional
+checkpoint denoises its whole clip at once, up to its training horizon.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from streamkd.data.toyworld import render
+from streamkd.models.world import CausalConfig, SamplingConfig, WorldModel
+from streamkd.sampling.bidirectional import sample_clip
+from streamkd.sampling.stream import StreamGenerator
+
+
+def first_frame_for(model: WorldModel, seed: int, prompt: str) -> np.ndarray:
+    """The toy world's frame 0 for (seed, prompt): the image-to-video condition."""
+    return render(seed, prompt, [0], 1, model.cfg.world)[0]
+
+
+def generate_frames(
+    model: WorldModel,
+    *,
+    prompt: str,
+    seed: int,
+    actions: list[int],
+    first_frame: np.ndarray | None,
+    sampling: SamplingConfig | None = None,
+    causal: CausalConfig | None = None,
+) -> Iterator[np.ndarray]:
+    """Yield uint8 ``(n, H, W, 3)`` chunks, ``len(actions)`` frames in all.
+
+    ``actions[t]`` is the move into frame t; ``first_frame`` (uint8 HWC) is frame 0 when given.
+    ``causal`` forces streaming (the causal path) even for a bidirectional checkpoint.
+    """
+    sampling = sampling or model.cfg.sampling
+    sampler = sampling.make()
+    causal = causal or model.cfg.causal
+    num_frames = len(actions)
+    gen = torch.Generator().manual_seed(seed)
+    first = None if first_frame is None else torch.from_numpy(np.ascontiguousarray(first_frame))[None]
+    actions_T = torch.tensor(actions, dtype=torch.long)
+    if causal is None:
+        horizon = model.cfg.horizon_frames
+        if num_frames > horizon:
+            raise ValueError(
+                f"this bidirectional checkpoint generates at most its horizon of {horizon} frames, asked for "
+                f"{num_frames}; lower --frames, or stream with a causal checkpoint (or --causal)"
+            )
+        latents = sample_clip(model, sampler, [prompt], first, actions_T[None], num_frames, gen, sampling.guidance_scale)
+        yield model.codec.decode(latents)[0].numpy()
+        return
+    stream = StreamGenerator(model, sampler, causal=causal, guidance_scale=sampling.guidance_scale)
+    stream.reset([prompt], first, gen)
+    F = causal.chunk_frames
+    done = 0
+    while done < num_frames:
+        chunk_actions = actions_T[done : done + F]
+        if len(chunk_actions) < F:  # last partial chunk: pad, then drop the extra frames
+            chunk_actions = torch.cat([chunk_actions, chunk_actions[-1:].expand(F - len(chunk_actions))])
+        frames = stream.decode(stream.next_chunk(chunk_actions[None]))[0]
+        take = min(F, num_frames - done)
+        yield frames[:take].numpy()
+        done += take
+
+
+def with_overrides(sampling: SamplingConfig, **changes) -> SamplingConfig:
+    """``sampling`` with the non-None ``changes`` applied (validated again)."""
+    return replace(sampling, **{k: v for k, v in changes.items() if v is not None})
