@@ -83,7 +83,7 @@ def cmd_generate(args) -> None:
     from tqdm import tqdm
 
     from streamkd.data.actions import parse_action_spec
-    from streamkd.generate import first_frame_for, generate_frames
+    from streamkd.generate import check_length, first_frame_for, generate_frames
     from streamkd.media.video import VideoWriter, check_output_path
     from streamkd.models.world import WorldModel
 
@@ -95,6 +95,7 @@ def cmd_generate(args) -> None:
     sampling, causal = _sampling(args, model)
     prompt = args.prompt
     model.prompt_encoder.token_ids([prompt])  # unknown words fail here, before the video opens
+    check_length(model, args.frames, causal)
     first = first_frame_for(model, args.seed, prompt)
     with VideoWriter(args.out, fps=args.fps) as writer, tqdm(total=args.frames, desc="frames", unit="f") as bar:
         for chunk in generate_frames(model, prompt=prompt, seed=args.seed, actions=actions, first_frame=first, sampling=sampling, causal=causal):
@@ -155,10 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model from a YAML config (+ key.sub=value overrides)")
+    p = sub.add_parser(
+        "train", help="train a model from a YAML config (+ key.sub=value overrides)",
+        epilog="Any number of key.sub=value overrides may follow, e.g. max_steps=100 model.dit.num_layers=4",
+    )
     p.add_argument("what", choices=["teacher"], help="what to train")
     p.add_argument("--config", required=True, help="YAML file under configs/")
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. max_steps=100 model.dit.num_layers=4")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to the run folder)")
     p.set_defaults(func=cmd_train)
 
@@ -195,7 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--milestones", type=int, nargs="+", default=[100, 1000, 10000], help="bench stream: frame counts")
     p.add_argument("--config", help="bench train: YAML config")
     p.add_argument("--train-steps", type=int, default=10, help="bench train: optimizer steps to time")
-    p.add_argument("overrides", nargs="*", help="bench train: config overrides")
     p.add_argument("--json", help="write the result here as well")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_bench)
@@ -203,7 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key.sub=value overrides may sit anywhere after the subcommand, so they are collected from
+    # what argparse does not know
+    args, extra = parser.parse_known_args(argv)
+    bad = [x for x in extra if x.startswith("-") or "=" not in x]
+    if bad or (extra and args.command not in ("train", "bench")):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)} (config overrides look like key.sub=value)")
+    args.overrides = extra
     try:
         args.func(args)
     except (ValueError, OSError, ArithmeticError) as e:

@@ -24,6 +24,16 @@ def first_frame_for(model: WorldModel, seed: int, prompt: str) -> np.ndarray:
     return render(seed, prompt, [0], 1, model.cfg.world)[0]
 
 
+def check_length(model: WorldModel, num_frames: int, causal: CausalConfig | None) -> None:
+    """Refuse, before any work, a clip a bidirectional checkpoint cannot generate."""
+    horizon = model.cfg.horizon_frames
+    if causal is None and num_frames > horizon:
+        raise ValueError(
+            f"this bidirectional checkpoint generates at most its horizon of {horizon} frames, asked for "
+            f"{num_frames}; lower --frames, or stream with a causal checkpoint (or --causal)"
+        )
+
+
 def generate_frames(
     model: WorldModel,
     *,
@@ -46,13 +56,8 @@ def generate_frames(
     gen = torch.Generator().manual_seed(seed)
     first = None if first_frame is None else torch.from_numpy(np.ascontiguousarray(first_frame))[None]
     actions_T = torch.tensor(actions, dtype=torch.long)
+    check_length(model, num_frames, causal)
     if causal is None:
-        horizon = model.cfg.horizon_frames
-        if num_frames > horizon:
-            raise ValueError(
-                f"this bidirectional checkpoint generates at most its horizon of {horizon} frames, asked for "
-                f"{num_frames}; lower --frames, or stream with a causal checkpoint (or --causal)"
-            )
         latents = sample_clip(model, sampler, [prompt], first, actions_T[None], num_frames, gen, sampling.guidance_scale)
         yield model.codec.decode(latents)[0].numpy()
         return

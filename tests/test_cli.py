@@ -1,0 +1,144 @@
+"""The command line: generate writes real videos; bad input is one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamkd.cli import main
+from streamkd.data.toyworld import ToyClipDataset, ToyWorldConfig
+from streamkd.media.video import read_video, video_info
+from streamkd.models.codec import CodecConfig
+from streamkd.models.dit import DiTConfig
+from streamkd.models.world import CausalConfig, SamplingConfig, WorldModel, WorldModelConfig
+
+
+def _tiny_model(causal: CausalConfig | None) -> WorldModel:
+    cfg = WorldModelConfig(
+        dit=DiTConfig(in_channels=8, out_channels=8, num_layers=2, num_heads=2, head_dim=12, ffn_dim=32, text_dim=16, num_actions=5),
+        codec=CodecConfig(patch=4, latent_channels=8),
+        world=ToyWorldConfig(frame_size=32, map_size=128),
+        horizon_frames=6,
+        causal=causal,
+        sampling=SamplingConfig(kind="euler", num_steps=2),
+    )
+    torch.manual_seed(0)
+    model = WorldModel(cfg)
+    clips = ToyClipDataset(cfg.world, 2)
+    model.codec.fit(torch.stack([clips[i]["frames"] for i in range(8)]))
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    _tiny_model(None).save(root / "bidirectional")
+    _tiny_model(CausalConfig(2, 2, 4)).save(root / "causal")
+    return {"bidirectional": root / "bidirectional", "causal": root / "causal"}
+
+
+def _generate(ckpt: Path, out: Path, *extra: str) -> int:
+    return main(["generate", "--checkpoint", str(ckpt), "--prompt", "forest with red squares", "--seed", "3",
+                 "--out", str(out), *extra])
+
+
+def test_generate_bidirectional_writes_its_frames(checkpoints, tmp_path: Path) -> None:
+    out = tmp_path / "teacher.mp4"
+    assert _generate(checkpoints["bidirectional"], out, "--frames", "6", "--actions", "right:3,up") == 0
+    info = video_info(out)
+    assert (info["frames"], info["width"], info["height"]) == (6, 32, 32)
+
+
+@pytest.mark.parametrize("frames", [7, 30])
+def test_generate_causal_streams_any_length(checkpoints, tmp_path: Path, frames: int) -> None:
+    out = tmp_path / "student.mp4"
+    assert _generate(checkpoints["causal"], out, "--frames", str(frames), "--actions", "right:4,down:2,none") == 0
+    video = read_video(out)
+    assert video.shape == (frames, 32, 32, 3)
+
+
+def test_generate_teacher_through_causal_path(checkpoints, tmp_path: Path) -> None:
+    out = tmp_path / "causal_teacher.mp4"
+    assert _generate(checkpoints["bidirectional"], out, "--frames", "9", "--causal", "--chunk-frames", "3", "--window-frames", "3") == 0
+    assert video_info(out)["frames"] == 9
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--actions", "right:4,jump:2"], "unknown action 'jump'"),
+        (["--actions", "right:0"], "positive integer"),
+        (["--frames", "40"], "at most its horizon of 6 frames"),
+        (["--frames", "0"], "--frames must be >= 1"),
+        (["--window-frames", "4"], "need a causal checkpoint or --causal"),
+        (["--guidance", "-1"], "guidance_scale must be >= 0"),
+    ],
+)
+def test_generate_bad_input(checkpoints, tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    out = tmp_path / "never.mp4"
+    assert _generate(checkpoints["bidirectional"], out, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_generate_unknown_prompt_word(checkpoints, tmp_path: Path, capsys) -> None:
+    code = main(["generate", "--checkpoint", str(checkpoints["bidirectional"]), "--prompt", "jungle with red squares",
+                 "--out", str(tmp_path / "x.mp4"), "--frames", "4"])
+    assert code == 2 and "unknown word(s) ['jungle']" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_unwritable_output_and_missing_checkpoint(checkpoints, tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert _generate(checkpoints["bidirectional"], blocker / "out.mp4") == 2
+    assert "out.mp4" in capsys.readouterr().err
+    assert _generate(checkpoints["bidirectional"], tmp_path / "out.txt") == 2
+    assert ".mp4" in capsys.readouterr().err
+    assert _generate(tmp_path / "no_such_ckpt", tmp_path / "out.mp4") == 2
+    assert "no_such_ckpt does not exist" in capsys.readouterr().err
+
+
+def test_truncated_checkpoint_is_refused(checkpoints, tmp_path: Path, capsys) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((checkpoints["causal"] / "config.json").read_text())
+    data = (checkpoints["causal"] / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert _generate(broken, tmp_path / "out.mp4") == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_train_bad_config_field(tmp_path: Path, capsys) -> None:
+    assert main(["train", "teacher", "--config", "configs/toyworld/teacher.yaml", "model.dit.num_layer=3"]) == 2
+    err = capsys.readouterr().err
+    assert "num_layer" in err and "num_layers" in err
+    assert main(["train", "teacher", "--config", "configs/toyworld/teacher.yaml", "prompt_dropout=2"]) == 2
+    assert "prompt_dropout must be in [0, 1]" in capsys.readouterr().err
+    assert main(["train", "teacher", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_eval_writes_json_with_floor_and_ceiling(checkpoints, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(checkpoints["causal"]), "--episodes", "2", "--frames", "8", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in ("fidelity_psnr", "action_error_px", "fps_end_to_end"):
+        assert isinstance(result[key], float)
+    # the exact-shift ceiling beats the frozen floor on both metrics, by construction
+    assert result["ceiling"]["fidelity_psnr"] > result["floor"]["fidelity_psnr"]
+    assert result["ceiling"]["action_error_px"] < 0.1 < result["floor"]["action_error_px"]
+
+
+def test_entry_point_exit_code(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "streamkd.cli", "generate", "--checkpoint", str(tmp_path), "--prompt", "x",
+                           "--out", str(tmp_path / "a.mp4")], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
