@@ -14,10 +14,10 @@ from pathlib import Path
 EXAMPLES = """\
 examples:
   streamkd train teacher --config configs/toyworld/teacher.yaml max_steps=200
-  streamkd generate --checkpoint checkpoints/toy_teacher --prompt "forest with red squares" \\
+  streamkd generate --checkpoint toy-teacher --prompt "forest with red squares" \\
       --seed 3 --actions right:16,up:8,none:4 --frames 12 --out out.mp4
-  streamkd eval --checkpoint checkpoints/toy_teacher --episodes 8 --seed 0 --frames 12 --json eval.json
-  streamkd bench stream --checkpoint checkpoints/toy_teacher --causal --json bench.json
+  streamkd eval --checkpoint toy-teacher --episodes 16 --seed 0 --frames 12 --json eval.json
+  streamkd bench stream --checkpoint toy-teacher --causal --json bench.json
 """
 
 
@@ -147,6 +147,12 @@ def cmd_bench(args) -> None:
     print(text)
 
 
+def cmd_quickstart(args) -> None:
+    from streamkd.quickstart import run
+
+    print(run(args.checkpoint, args.out_dir, args.episodes, args.long_frames))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamkd",
@@ -183,9 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("quickstart", help="the main job on the toy world: eval table + teacher clip + long causal stream")
+    p.add_argument("--checkpoint", default="toy-teacher", help="checkpoint folder or a shipped name (toy-teacher)")
+    p.add_argument("--out-dir", default="outputs/quickstart", help="where the mp4 files go")
+    p.add_argument("--episodes", type=int, default=16, help="held-out episodes for the eval table")
+    p.add_argument("--long-frames", type=int, default=480, help="frames of the long causal stream")
+    p.set_defaults(func=cmd_quickstart)
+
     p = sub.add_parser("eval", help="measure a checkpoint against toy-world ground truth (held-out seeds)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--episodes", type=int, default=8, help="held-out episodes")
+    p.add_argument("--episodes", type=int, default=16, help="held-out episodes")
     p.add_argument("--seed", type=int, default=0, help="index of the first held-out episode")
     p.add_argument("--frames", type=int, default=0, help="frames per episode (default: the model's horizon)")
     p.add_argument("--json", help="write the result here as well")

@@ -1,0 +1,1 @@
+"""Training entry points (``torchrun``-ready), installed as ``streamkd.train``."""

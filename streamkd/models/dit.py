@@ -325,6 +325,8 @@ class DiT(nn.Module):
             raise ValueError(f"latent (F={num_f}, H={height}, W={width}) is not divisible by patch_size {cfg.patch_size}")
         if layout is not None and cache is not None:
             raise ValueError("pass either layout (full-sequence block-causal) or cache (streaming), not both")
+        if write_cache and cache is None:
+            raise ValueError("write_cache=True needs a cache to write into")
         gf, gh, gw = num_f // pt, height // ph, width // pw
         if t_BF.ndim == 1:
             t_BF = t_BF[:, None].expand(B, gf)

@@ -103,6 +103,17 @@ class WorldModelConfig:
         return self.world.frame_size // self.codec.patch
 
 
+SHIPPED = Path(__file__).resolve().parent.parent / "assets"
+"""Checkpoints that ship inside the package (a few MB each), loadable by folder name."""
+
+
+def resolve_checkpoint(name: str | Path) -> Path:
+    path = Path(name)
+    if not path.exists() and (SHIPPED / str(name)).is_dir():
+        return SHIPPED / str(name)
+    return path
+
+
 class WorldModel(nn.Module):
     def __init__(self, cfg: WorldModelConfig):
         super().__init__()
@@ -130,7 +141,8 @@ class WorldModel(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "WorldModel":
-        folder = Path(folder)
+        """Load an inference checkpoint folder, or a shipped one by name (``toy-teacher``)."""
+        folder = resolve_checkpoint(folder)
         if not folder.is_dir():
             raise CheckpointError(f"checkpoint folder {folder} does not exist; pass a folder holding config.json and model.safetensors")
         cfg_path = folder / "config.json"
