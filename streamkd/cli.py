@@ -64,7 +64,7 @@ def cmd_export(args) -> None:
     import torch
 
     from streamkd.checkpoint import CheckpointError, latest_checkpoint, load_training_checkpoint
-    from streamkd.config import from_dict
+    from streamkd.config import deep_merge, from_dict, parse_overrides
     from streamkd.models.world import WorldModel
     from streamkd.train.teacher import TeacherTrainConfig
 
@@ -72,7 +72,7 @@ def cmd_export(args) -> None:
     if folder is None:
         raise CheckpointError(f"{args.run} holds no training checkpoint (checkpoints/latest is missing)")
     files, state = load_training_checkpoint(folder, [args.weights])
-    cfg = from_dict(TeacherTrainConfig, state["config"])
+    cfg = from_dict(TeacherTrainConfig, deep_merge(state["config"], parse_overrides(args.overrides)))
     model = WorldModel(cfg.model)
     model.load_state_dict(files[args.weights])
     model.save(args.out, dtype=torch.float16 if args.fp16 else None)
@@ -171,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to the run folder)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="turn a training run's latest checkpoint into an inference checkpoint")
+    p = sub.add_parser(
+        "export", help="turn a training run's latest checkpoint into an inference checkpoint",
+        epilog="key.sub=value overrides of the run's config may follow, e.g. model.sampling.shift=3",
+    )
     p.add_argument("--run", required=True, help="training run folder (holds checkpoints/latest)")
     p.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to export")
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     # what argparse does not know
     args, extra = parser.parse_known_args(argv)
     bad = [x for x in extra if x.startswith("-") or "=" not in x]
-    if bad or (extra and args.command not in ("train", "bench")):
+    if bad or (extra and args.command not in ("train", "bench", "export")):
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)} (config overrides look like key.sub=value)")
     args.overrides = extra
     try:

@@ -201,17 +201,17 @@ def parse_overrides(items: typing.Iterable[str]) -> dict[str, Any]:
             if not isinstance(value, dict):
                 raise ConfigError(f"override {item!r}: '{key}' is a section with sub-keys set by "
                                   f"another override; drop one of the two overrides")
-            value = _deep_merge(previous, value)
+            value = deep_merge(previous, value)
         node[parts[-1]] = value
     return out
 
 
-def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     """``top`` over ``base``: mappings merge key by key, anything else (lists too) replaces."""
     out = dict(base)
     for key, value in top.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -243,7 +243,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be a file name, got {base!r}; e.g. base: default.yaml")
-    return _deep_merge(_read_yaml(path.parent / base, (*chain, path)), data)
+    return deep_merge(_read_yaml(path.parent / base, (*chain, path)), data)
 
 
 def _coerce_override_bools(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -268,7 +268,7 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None,
                 overrides: typing.Iterable[str] = ()) -> T:
     """Load ``cls`` from an optional YAML file, then apply ``key.sub=value`` overrides."""
     data = _read_yaml(Path(path)) if path is not None else {}
-    data = _deep_merge(data, _coerce_override_bools(cls, parse_overrides(overrides)))
+    data = deep_merge(data, _coerce_override_bools(cls, parse_overrides(overrides)))
     return from_dict(cls, data)
 
 

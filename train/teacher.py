@@ -3,7 +3,7 @@
 Launch: ``streamkd train teacher --config configs/toyworld/teacher.yaml [key.sub=value ...]``.
 
 Objective (rectified flow, Lipman et al. 2023 / SD3 eq. 1): for clean latents ``x0``, noise ``e``
-and a per-clip level ``s`` (logit-normal, SD3 sec. 3.1), the model at ``x_s = (1-s) x0 + s e`` is
+and a per-clip level ``s`` (uniform, then shifted towards 1 as in Wan / SD3 eq. 23), the model at ``x_s = (1-s) x0 + s e`` is
 regressed onto ``v = e - x0`` with a mean-squared error. Image-to-video: with probability
 ``i2v_prob`` frame 0 is kept clean (t = 0) and left out of the loss, so the teacher learns to
 continue a given first frame. Classifier-free guidance: the prompt is replaced by the empty
@@ -37,6 +37,7 @@ from streamkd.checkpoint import (
 from streamkd.config import config_diff, from_dict, to_dict
 from streamkd.data.toyworld import ToyClipDataset, collate_clips
 from streamkd.models.world import WorldModel, WorldModelConfig
+from streamkd.sampling.schedule import shift_sigmas
 
 
 @dataclass
@@ -67,8 +68,9 @@ class TeacherTrainConfig:
     """Probability of training on null actions (CFG)."""
     i2v_prob: float = 0.9
     """Probability that frame 0 is given clean (image-to-video) rather than generated."""
-    logit_normal_std: float = 1.0
-    """Std of the logit-normal noise-level distribution (mean 0)."""
+    timestep_shift: float = 3.0
+    """Training noise levels are shift(u), u ~ U(0, 1): shift > 1 trains high noise more often, where
+    the model must carry content over from the first frame instead of denoising locally."""
     codec_fit_clips: int = 256
     """Training clips (4 frames each) the PCA codec is fitted on before step 0."""
     log_every: int = 10
@@ -86,8 +88,14 @@ class TeacherTrainConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.batch_size < 1 or self.max_steps < 1:
             raise ValueError("batch_size and max_steps must be >= 1")
+        if self.timestep_shift <= 0:
+            raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+RESUMABLE_CHANGES = ("max_steps", "log_every", "ckpt_every", "tensorboard", "threads", "model.sampling")
+"""Config fields a resumed run may change: they do not affect the optimisation."""
 
 
 class NonFiniteLossError(ArithmeticError):
@@ -103,7 +111,7 @@ def flow_matching_loss(
     with torch.no_grad():
         x0 = model.codec.encode(frames)
     noise = torch.randn(x0.shape, generator=gen)
-    s = torch.sigmoid(torch.randn(B, generator=gen) * cfg.logit_normal_std)  # logit-normal levels
+    s = shift_sigmas(torch.rand(B, generator=gen), cfg.timestep_shift)
     i2v = torch.rand(B, generator=gen) < cfg.i2v_prob
     drop_prompt = torch.rand(B, generator=gen) < cfg.prompt_dropout
     drop_actions = torch.rand(B, generator=gen) < cfg.action_dropout
@@ -162,7 +170,7 @@ class TeacherTrainer:
     def resume(self, folder: Path) -> None:
         files, state = load_training_checkpoint(folder, ["model", "ema", "optim", "rng"])
         saved = from_dict(TeacherTrainConfig, state["config"])
-        diff = [d for d in config_diff(saved, self.cfg) if not d.startswith(("max_steps", "log_every", "ckpt_every", "tensorboard", "threads"))]
+        diff = [d for d in config_diff(saved, self.cfg) if not d.startswith(RESUMABLE_CHANGES)]
         if diff:
             raise CheckpointError(
                 f"cannot resume {folder}: the config changed ({'; '.join(diff)}); restore those values or use a new out_dir"

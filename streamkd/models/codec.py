@@ -3,7 +3,7 @@
 Legend: B batch, F frames, H/W pixels, C latent channels, h/w latent rows/columns.
 
 Interface (``Codec``), what the generator and trainers rely on:
-    encode(frames_BFHWC uint8) -> latents_BCFhw   (normalised: ~zero mean, unit variance per channel)
+    encode(frames_BFHWC uint8) -> latents_BCFhw   (normalised: ~zero mean, unit variance on average)
     decode(latents_BCFhw) -> frames_BFHWC uint8
     stream_decoder() -> object with ``push(latents_BCFhw) -> frames_BFHWC`` for chunk-wise decoding.
 A temporally-causal codec (the Wan VAE, 4x in time with a per-layer feature cache) keeps its
@@ -88,7 +88,12 @@ class PatchPCACodec(nn.Module):
         order = eigval.argsort(descending=True)[: self.cfg.latent_channels]
         self.mean.copy_(mean.float())
         self.basis.copy_(eigvec[:, order].float())
-        self.scale.copy_(eigval[order].clamp_min(1e-12).sqrt().float())
+        # One scale for all channels (unit mean variance), not per-channel whitening: PCA is a
+        # rotation of patch space, so this keeps diffusion in the latent equivalent to pixel-space
+        # diffusion, where noise drowns fine texture before coarse structure. Whitening instead
+        # blew the near-random texture components up to the same weight as the structure, and
+        # the teacher spent its capacity on them.
+        self.scale.fill_(float(eigval[order].mean().sqrt()))
         return self
 
     def encode(self, frames_BFHWC: torch.Tensor) -> torch.Tensor:

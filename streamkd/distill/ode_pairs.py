@@ -1,0 +1,150 @@
+"""ODE pairs: points of the teacher's sampling trajectories, the data of ODE-regression init.
+
+For each training episode (first frame, prompt, actions from the toy world's train split) the
+teacher integrates its flow ODE from pure noise with many Euler steps (CFG as configured), and we
+keep the latents at the student's noise levels plus the end point:
+
+    latents[k] = x at sigma = keep_sigmas[k]  (k < K),   latents[K] = the teacher's x0
+
+The student then learns ``x_{sigma_k} -> x0`` (CausVid / Self-Forcing's ODE initialisation).
+
+Shards (``shard_00000.safetensors``: ``latents`` ``(N, K+1, C, F, h, w)`` fp16, ``actions``
+``(N, F)``, ``clip_index`` ``(N,)``; prompts in the safetensors metadata) are written atomically
+one by one; a rerun skips the shards that exist, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from streamkd.checkpoint import atomic_save_safetensors, load_safetensors
+from streamkd.data.toyworld import ToyClipDataset, collate_clips
+from streamkd.models.world import WorldModel
+from streamkd.sampling.schedule import EulerSampler
+from streamkd.sampling.stream import guided
+
+
+@dataclass
+class ODEPairsConfig:
+    teacher: str = "toy-teacher"
+    """Teacher checkpoint (folder or shipped name)."""
+    out_dir: str = "runs/ode_pairs"
+    """Where the shards go."""
+    num_clips: int = 256
+    """Trajectories to sample."""
+    shard_clips: int = 16
+    """Trajectories per shard (and per teacher batch)."""
+    base_seed: int = 7
+    """Train-split seed base for the episodes (and the noise)."""
+    num_steps: int = 24
+    """Teacher Euler steps."""
+    shift: float = 1.0
+    """Teacher timestep shift."""
+    guidance_scale: float = 1.0
+    """Teacher CFG scale (uncond + s (cond - uncond))."""
+    keep_sigmas: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
+    """Noise levels to keep (the student's few-step levels); each must lie on the Euler grid."""
+
+    def __post_init__(self) -> None:
+        if self.num_clips < 1 or self.shard_clips < 1:
+            raise ValueError("num_clips and shard_clips must be >= 1")
+        grid = EulerSampler(self.num_steps, self.shift).sigmas
+        for s in self.keep_sigmas:
+            if min(abs(s - g) for g in grid) > 1e-6:
+                raise ValueError(
+                    f"keep_sigmas value {s} is not on the teacher's Euler grid ({self.num_steps} steps, shift "
+                    f"{self.shift}); pick num_steps so that every kept level is a grid point"
+                )
+
+
+def keep_indices(cfg: ODEPairsConfig) -> list[int]:
+    grid = EulerSampler(cfg.num_steps, cfg.shift).sigmas
+    return [min(range(len(grid)), key=lambda i: abs(grid[i] - s)) for s in cfg.keep_sigmas]
+
+
+@torch.no_grad()
+def teacher_trajectories(
+    teacher: WorldModel, batch: dict, cfg: ODEPairsConfig, gen: torch.Generator
+) -> torch.Tensor:
+    """``(B, K+1, C, F, h, w)``: the kept trajectory points and the end point."""
+    frames, actions, prompts = batch["frames"], batch["actions"], batch["prompt"]
+    B, num_f = frames.shape[:2]
+    x0_data = teacher.codec.encode(frames)
+    first = x0_data[:, :, :1]
+    sampler = EulerSampler(cfg.num_steps, cfg.shift)
+    use_cfg = cfg.guidance_scale != 1.0
+    rows = 2 if use_cfg else 1
+    ctx = teacher.encode_prompts(list(prompts) + ([""] * B if use_cfg else []))
+    a = torch.cat([actions, torch.full_like(actions, teacher.dit.null_action)]) if use_cfg else actions
+    x = torch.randn(x0_data.shape, generator=gen)
+    keep = keep_indices(cfg)
+    kept = []
+    t_BF = torch.empty(B * rows, num_f)
+    for i in range(sampler.num_steps + 1):
+        x[:, :, :1] = first
+        if i in keep:
+            kept.append(x.clone())
+        if i == sampler.num_steps:
+            break
+        t_BF.fill_(1000.0 * sampler.sigmas[i])
+        t_BF[:, 0] = 0.0
+        v = guided(teacher.dit(x.repeat(rows, 1, 1, 1, 1), t_BF, ctx, a), B, cfg.guidance_scale)
+        x = sampler.step(v, i, x)
+    kept.append(x)
+    return torch.stack(kept, 1)
+
+
+def generate_ode_pairs(cfg: ODEPairsConfig, progress: bool = True) -> Path:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, indent=2))
+    teacher = WorldModel.load(cfg.teacher)
+    data = ToyClipDataset(teacher.cfg.world, teacher.cfg.horizon_frames, base_seed=cfg.base_seed)
+    num_shards = -(-cfg.num_clips // cfg.shard_clips)
+    for shard in tqdm(range(num_shards), desc="ode pairs (shards)", disable=not progress):
+        path = out / f"shard_{shard:05d}.safetensors"
+        if path.exists():
+            continue  # resume: shards are written atomically, an existing one is complete
+        first = shard * cfg.shard_clips
+        index = list(range(first, min(first + cfg.shard_clips, cfg.num_clips)))
+        batch = collate_clips([data[i] for i in index])
+        gen = torch.Generator().manual_seed(cfg.base_seed * 1_000_003 + shard)  # per shard: resumable
+        latents = teacher_trajectories(teacher, batch, cfg, gen)
+        atomic_save_safetensors(
+            {"latents": latents.half(), "actions": batch["actions"], "clip_index": torch.tensor(index)},
+            path,
+            metadata={"prompts": json.dumps(batch["prompt"]), "keep_sigmas": json.dumps(cfg.keep_sigmas)},
+        )
+    return out
+
+
+class ODEPairStore:
+    """All shards of an ODE-pair folder, in memory (the toy set is a few hundred MB at most)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        from safetensors import safe_open
+
+        folder = Path(folder)
+        paths = sorted(folder.glob("shard_*.safetensors"))
+        if not paths:
+            raise FileNotFoundError(f"no ODE-pair shards in {folder}; run `streamkd distill ode-pairs` first")
+        latents, actions, prompts = [], [], []
+        for path in paths:
+            tensors = load_safetensors(path)
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata()
+            latents.append(tensors["latents"])
+            actions.append(tensors["actions"])
+            prompts += json.loads(meta["prompts"])
+            self.keep_sigmas = json.loads(meta["keep_sigmas"])
+        self.latents = torch.cat(latents)
+        self.actions = torch.cat(actions)
+        self.prompts = prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts)
