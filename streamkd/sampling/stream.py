@@ -118,30 +118,46 @@ class StreamGenerator:
             a = torch.cat([a, torch.full_like(a, self.model.dit.null_action)])
         return a
 
-    @torch.no_grad()
-    def next_chunk(self, actions_BF: torch.Tensor | None = None) -> torch.Tensor:
-        """Denoise the next chunk, write it into the cache; returns its clean latents ``(B, C, F, h, w)``."""
+    def next_chunk(self, actions_BF: torch.Tensor | None = None, exit_step: int | None = None) -> torch.Tensor:
+        """Denoise the next chunk, write it into the cache; returns its clean latents ``(B, C, F, h, w)``.
+
+        ``exit_step`` (training rollouts, Self-Forcing sec. 3.2): stop at that sampler step and
+        return its x0 prediction. Only that one model pass records a graph (when grad is enabled
+        by the caller); earlier steps and the cache-writing pass never do, so history is detached
+        and memory does not grow with the rollout.
+        """
         F = self.causal.chunk_frames
         if actions_BF is not None and tuple(actions_BF.shape) != (self.batch_size, F):
             raise ValueError(f"actions must be (batch, chunk_frames) = ({self.batch_size}, {F}), got {tuple(actions_BF.shape)}")
+        last = self.sampler.num_steps - 1 if exit_step is None else exit_step
+        if not 0 <= last < self.sampler.num_steps:
+            raise ValueError(f"exit_step must be in [0, {self.sampler.num_steps}), got {exit_step}")
+        want_grad = torch.is_grad_enabled()
         actions = self._actions(actions_BF)
         fixed = self.first_latent is not None and self.chunk_index == 0  # frame 0 is given
         x = self._noise()
         t_BF = torch.empty(self.rows, F, device=self.device)
-        for i in range(self.sampler.num_steps):
+        for i in range(last + 1):
             if fixed:
-                x[:, :, :1] = self.first_latent
+                x = torch.cat([self.first_latent, x[:, :, 1:]], 2)
             t_BF.fill_(1000.0 * self.sampler.sigmas[i])
             if fixed:
                 t_BF[:, 0] = 0.0
-            v = guided(self.model.dit(self._rows(x), t_BF, self.context, actions, cache=self.cache), self.batch_size, self.guidance_scale)
+            exiting = exit_step is not None and i == exit_step
+            with torch.set_grad_enabled(want_grad and exiting):
+                v = guided(self.model.dit(self._rows(x), t_BF, self.context, actions, cache=self.cache), self.batch_size, self.guidance_scale)
+                if exiting:
+                    x = x - self.sampler.sigmas[i] * v  # the x0 prediction
+                    break
             if self.on_step is not None:
                 self.on_step(self.chunk_index, i, x.clone(), t_BF[: self.batch_size].clone(), v)
-            x = self.sampler.step(v, i, x, self._noise() if self.sampler.stochastic else None)
+            with torch.no_grad():
+                x = self.sampler.step(v, i, x, self._noise() if self.sampler.stochastic else None)
         if fixed:
-            x[:, :, :1] = self.first_latent
-        # clean pass: history enters the cache at t = 0
-        self.model.dit(self._rows(x), torch.zeros_like(t_BF), self.context, actions, cache=self.cache, write_cache=True)
+            x = torch.cat([self.first_latent, x[:, :, 1:]], 2)
+        # clean pass: history enters the cache at t = 0, detached
+        with torch.no_grad():
+            self.model.dit(self._rows(x.detach()), torch.zeros_like(t_BF), self.context, actions, cache=self.cache, write_cache=True)
         self.chunk_index += 1
         return x
 

@@ -1,0 +1,111 @@
+"""Distillation: ODE pairs are the teacher's real trajectories, ODE init and self-forcing DMD
+train, and both resume exactly."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from streamkd.data.toyworld import ToyClipDataset, ToyWorldConfig, collate_clips
+from streamkd.distill.ode_pairs import ODEPairsConfig, ODEPairStore, generate_ode_pairs
+from streamkd.models.codec import CodecConfig
+from streamkd.models.dit import DiTConfig
+from streamkd.models.world import CausalConfig, WorldModel, WorldModelConfig
+from streamkd.sampling.bidirectional import sample_clip
+from streamkd.sampling.schedule import EulerSampler
+from streamkd.train.distill import DistillConfig, DistillTrainer
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    cfg = WorldModelConfig(
+        dit=DiTConfig(in_channels=8, out_channels=8, num_layers=2, num_heads=2, head_dim=12, ffn_dim=32, text_dim=16, num_actions=5),
+        codec=CodecConfig(patch=4, latent_channels=8),
+        world=ToyWorldConfig(frame_size=32, map_size=128),
+        horizon_frames=4,
+    )
+    torch.manual_seed(0)
+    model = WorldModel(cfg)
+    clips = ToyClipDataset(cfg.world, 2)
+    model.codec.fit(torch.stack([clips[i]["frames"] for i in range(8)]))
+    folder = tmp_path_factory.mktemp("teacher")
+    model.save(folder)
+    return folder
+
+
+def _pairs_cfg(teacher_dir: Path, out: Path) -> ODEPairsConfig:
+    return ODEPairsConfig(teacher=str(teacher_dir), out_dir=str(out), num_clips=4, shard_clips=2, num_steps=4, keep_sigmas=[1.0, 0.5])
+
+
+def test_ode_pairs_are_teacher_trajectories_and_resume(teacher_dir: Path, tmp_path: Path) -> None:
+    cfg = _pairs_cfg(teacher_dir, tmp_path / "pairs")
+    generate_ode_pairs(cfg, progress=False)
+    store = ODEPairStore(tmp_path / "pairs")
+    assert store.latents.shape == (4, 3, 8, 4, 8, 8) and store.keep_sigmas == [1.0, 0.5]
+    # the stored end point is the teacher's own sample from the stored start noise
+    teacher = WorldModel.load(teacher_dir)
+    data = ToyClipDataset(teacher.cfg.world, 4, base_seed=cfg.base_seed)
+    batch = collate_clips([data[0], data[1]])
+    gen = torch.Generator().manual_seed(cfg.base_seed * 1_000_003)
+    ref = sample_clip(teacher, EulerSampler(4), batch["prompt"], batch["frames"][:, 0], batch["actions"], 4, gen)
+    torch.testing.assert_close(store.latents[:2, -1].float(), ref, atol=2e-3, rtol=2e-3)  # stored as fp16
+    # resume: a deleted shard is rebuilt identically, existing ones are kept
+    second = tmp_path / "pairs" / "shard_00001.safetensors"
+    before = load_file(second)
+    second.unlink()
+    generate_ode_pairs(cfg, progress=False)
+    after = load_file(second)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_ode_config_rejects_levels_off_the_grid() -> None:
+    with pytest.raises(ValueError, match="not on the teacher's Euler grid"):
+        ODEPairsConfig(num_steps=10, keep_sigmas=[1.0, 0.75])
+
+
+def _distill_cfg(teacher_dir: Path, out: Path, **changes) -> DistillConfig:
+    cfg = DistillConfig(
+        teacher=str(teacher_dir), out_dir=str(out), causal=CausalConfig(2, 2, 2), sigmas=[1.0, 0.5], max_steps=4,
+        batch_size=2, critic_ratio=2, ckpt_every=2, log_every=1, tensorboard=False,
+    )
+    return replace(cfg, **changes)
+
+
+def test_ode_init_resumes_exactly(teacher_dir: Path, tmp_path: Path) -> None:
+    generate_ode_pairs(_pairs_cfg(teacher_dir, tmp_path / "pairs"), progress=False)
+    kw = dict(method="ode", ode_pairs=str(tmp_path / "pairs"))
+    full = DistillTrainer(_distill_cfg(teacher_dir, tmp_path / "a", **kw)).train(progress=False)
+    DistillTrainer(_distill_cfg(teacher_dir, tmp_path / "b", **kw)).train(stop_after=2, progress=False)
+    rest = DistillTrainer(_distill_cfg(teacher_dir, tmp_path / "b", **kw)).train(progress=False)
+    assert [h["ode_loss"] for h in full[2:]] == [h["ode_loss"] for h in rest]
+    student = WorldModel.load(tmp_path / "a" / "final")
+    assert student.is_causal and student.cfg.sampling.kind == "few_step"
+
+
+def test_self_forcing_rollout_keeps_graph_only_at_exit_steps(teacher_dir: Path, tmp_path: Path) -> None:
+    trainer = DistillTrainer(_distill_cfg(teacher_dir, tmp_path))
+    batch = collate_clips([trainer.data[i] for i in range(2)])
+    x0 = trainer.rollout(batch, with_grad=True)
+    assert x0.shape == (2, 8, 4, 8, 8) and x0.requires_grad
+    x0[:, :, 1:].sum().backward()
+    grads = [p.grad for p in trainer.student.dit.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert trainer.rollout(batch, with_grad=False).requires_grad is False
+
+
+def test_dmd_resumes_exactly(teacher_dir: Path, tmp_path: Path) -> None:
+    full = DistillTrainer(_distill_cfg(teacher_dir, tmp_path / "a")).train(progress=False)
+    DistillTrainer(_distill_cfg(teacher_dir, tmp_path / "b")).train(stop_after=2, progress=False)
+    rest = DistillTrainer(_distill_cfg(teacher_dir, tmp_path / "b")).train(progress=False)
+    strip = lambda hs: [{k: v for k, v in h.items() if k != "step_s"} for h in hs]  # noqa: E731
+    assert strip(full[2:]) == strip(rest)
+    assert "dmd_loss" in full[0] and "dmd_loss" not in full[1] and "critic_loss" in full[1]
+
+
+def test_mismatched_teacher_and_student(teacher_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="chunk_frames=3 must divide the teacher's horizon of 4"):
+        DistillTrainer(_distill_cfg(teacher_dir, tmp_path, causal=CausalConfig(3, 3, 3)))

@@ -1,0 +1,283 @@
+"""Distil the toy teacher into a causal few-step student: ODE-regression init, then self-forcing DMD.
+
+    streamkd distill ode-pairs --config configs/toyworld/ode_pairs.yaml
+    streamkd distill train --config configs/toyworld/distill_ode.yaml     # method: ode
+    streamkd distill train --config configs/toyworld/distill_dmd.yaml     # method: dmd
+
+* ``ode``: the student (block-causal, chunks of F frames) regresses the teacher's ODE end points
+  from the points of its trajectories at the student's noise levels (``streamkd.distill.losses``).
+* ``dmd`` (Self-Forcing, Huang et al. 2025): every step the student *rolls out* a clip chunk by chunk
+  with its own KV cache through ``StreamGenerator`` -- the loop the server uses. Each chunk exits at
+  a random sampler step (the same on every rank: drawn from a generator seeded by the step), and
+  only that step's pass keeps a graph; the cache holds detached clean history, so memory stays
+  flat in the rollout length. The DMD gradient (teacher with CFG vs. critic) trains the student
+  every ``critic_ratio``-th step; the critic trains every step with flow matching on the rollouts.
+
+Exact resume: step, both models, critic, EMA, optimizers and the RNG state are checkpointed; data
+position is a pure function of the step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from streamkd.attention.layout import CausalLayout
+from streamkd.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_training_checkpoint,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_training_checkpoint,
+)
+from streamkd.config import config_diff, from_dict, to_dict
+from streamkd.data.toyworld import ToyClipDataset, collate_clips
+from streamkd.distill.losses import critic_loss, dmd_loss, ode_regression_loss, sample_levels
+from streamkd.distill.ode_pairs import ODEPairStore
+from streamkd.models.world import CausalConfig, SamplingConfig, WorldModel
+from streamkd.sampling.schedule import FewStepSampler
+from streamkd.sampling.stream import StreamGenerator
+from streamkd.train.teacher import NonFiniteLossError
+
+
+@dataclass
+class DistillConfig:
+    method: Literal["ode", "dmd"] = "dmd"
+    """ode: ODE-regression init; dmd: self-forcing DMD."""
+    teacher: str = "toy-teacher"
+    """Teacher checkpoint (folder or shipped name); also the default student/critic init."""
+    init: str | None = None
+    """Student init checkpoint (the ODE-init student for dmd); None = the teacher's weights."""
+    ode_pairs: str = "runs/ode_pairs"
+    """ODE-pair folder (method ode)."""
+    out_dir: str = "runs/distill"
+    """Run folder."""
+    causal: CausalConfig = field(default_factory=CausalConfig)
+    """Student chunking and KV cache."""
+    sigmas: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
+    """Student few-step noise levels (decreasing)."""
+    seed: int = 0
+    """Seeds data order and every random draw."""
+    max_steps: int = 400
+    """Optimizer steps (critic steps for dmd)."""
+    batch_size: int = 4
+    """Clips per step."""
+    lr: float = 1e-4
+    """Student AdamW learning rate."""
+    critic_lr: float = 1e-4
+    """Critic AdamW learning rate."""
+    critic_ratio: int = 5
+    """dmd: critic updates per student update."""
+    teacher_guidance: float = 1.0
+    """dmd: teacher CFG scale g in uncond + g (cond - uncond)."""
+    dmd_shift: float = 3.0
+    """dmd: noise levels shift(U[0,1]) ..."""
+    dmd_s_min: float = 0.02
+    """... clamped below ..."""
+    dmd_s_max: float = 0.98
+    """... and above."""
+    ema_decay: float = 0.99
+    """EMA of the student (the exported weights)."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (student and critic)."""
+    log_every: int = 5
+    """Steps between log lines."""
+    ckpt_every: int = 50
+    """Steps between checkpoints."""
+    tensorboard: bool = True
+    """TensorBoard scalars."""
+
+    def __post_init__(self) -> None:
+        FewStepSampler(self.sigmas)  # validates
+        if self.critic_ratio < 1 or self.batch_size < 1 or self.max_steps < 1:
+            raise ValueError("critic_ratio, batch_size and max_steps must be >= 1")
+        if not 0 < self.dmd_s_min < self.dmd_s_max <= 1:
+            raise ValueError(f"need 0 < dmd_s_min < dmd_s_max <= 1, got {self.dmd_s_min}, {self.dmd_s_max}")
+
+
+def _check_fit(teacher: WorldModel, student: WorldModel, cfg: DistillConfig) -> None:
+    """Teacher and student must share codec, world and horizon (a student of another world is useless)."""
+    for name in ("codec", "world", "horizon_frames"):
+        if getattr(teacher.cfg, name) != getattr(student.cfg, name):
+            raise ValueError(f"student {name} ({getattr(student.cfg, name)}) does not match the teacher's ({getattr(teacher.cfg, name)})")
+    if teacher.cfg.horizon_frames % cfg.causal.chunk_frames:
+        raise ValueError(
+            f"causal.chunk_frames={cfg.causal.chunk_frames} must divide the teacher's horizon of "
+            f"{teacher.cfg.horizon_frames} frames"
+        )
+
+
+class DistillTrainer:
+    def __init__(self, cfg: DistillConfig) -> None:
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.teacher = WorldModel.load(cfg.teacher).requires_grad_(False)
+        init = WorldModel.load(cfg.init) if cfg.init else self.teacher
+        student_cfg = replace(
+            init.cfg, causal=cfg.causal, sampling=SamplingConfig(kind="few_step", num_steps=len(cfg.sigmas), sigmas=list(cfg.sigmas))
+        )
+        self.student = WorldModel(student_cfg)
+        self.student.load_state_dict(init.state_dict())
+        _check_fit(self.teacher, self.student, cfg)
+        self.student.train()
+        self.ema = copy.deepcopy(self.student).requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.critic = None
+        if cfg.method == "dmd":
+            self.critic = copy.deepcopy(self.teacher).requires_grad_(True).train()
+            self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0)
+            self.data = ToyClipDataset(self.teacher.cfg.world, self.teacher.cfg.horizon_frames, base_seed=cfg.seed + 100)
+        else:
+            self.pairs = ODEPairStore(cfg.ode_pairs)
+            if [round(s, 6) for s in self.pairs.keep_sigmas] != [round(s, 6) for s in cfg.sigmas]:
+                raise ValueError(f"ODE pairs were sampled at {self.pairs.keep_sigmas}, config sigmas are {cfg.sigmas}; regenerate or match them")
+        self.layout = CausalLayout(cfg.causal.chunk_frames, cfg.causal.sink_frames, cfg.causal.window_frames)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.out = Path(cfg.out_dir)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def _files(self) -> dict:
+        opt_t, opt_meta = optimizer_to_tensors(self.opt)
+        files = {"model": self.student.state_dict(), "ema": self.ema.state_dict(), "optim": opt_t,
+                 "rng": {"noise": self.gen.get_state(), "torch": torch.get_rng_state()}}
+        meta = {"optimizer": opt_meta}
+        if self.critic is not None:
+            c_t, c_meta = optimizer_to_tensors(self.critic_opt)
+            files["critic"], files["critic_optim"] = self.critic.state_dict(), c_t
+            meta["critic_optimizer"] = c_meta
+        return files, meta
+
+    def save(self) -> Path:
+        files, meta = self._files()
+        state = {"step": self.step, "config": to_dict(self.cfg), "student_config": to_dict(self.student.cfg), **meta}
+        return save_training_checkpoint(self.out, self.step, files, state)
+
+    def resume(self, folder: Path) -> None:
+        names = ["model", "ema", "optim", "rng"] + (["critic", "critic_optim"] if self.critic is not None else [])
+        files, state = load_training_checkpoint(folder, names)
+        saved = from_dict(DistillConfig, state["config"])
+        diff = [d for d in config_diff(saved, self.cfg) if not d.startswith(("max_steps", "log_every", "ckpt_every", "tensorboard"))]
+        if diff:
+            raise CheckpointError(f"cannot resume {folder}: the config changed ({'; '.join(diff)}); restore those values or use a new out_dir")
+        self.student.load_state_dict(files["model"])
+        self.ema.load_state_dict(files["ema"])
+        optimizer_from_tensors(self.opt, files["optim"], state["optimizer"])
+        if self.critic is not None:
+            self.critic.load_state_dict(files["critic"])
+            optimizer_from_tensors(self.critic_opt, files["critic_optim"], state["critic_optimizer"])
+        self.gen.set_state(files["rng"]["noise"])
+        torch.set_rng_state(files["rng"]["torch"])
+        self.step = state["step"]
+
+    # ---------------------------------------------------------------------------------- steps
+    def _ode_step(self) -> dict[str, float]:
+        B = self.cfg.batch_size
+        idx = [(self.step * B + i) % len(self.pairs) for i in range(B)]
+        x_levels = self.pairs.latents[idx].float()
+        context = self.student.encode_prompts([self.pairs.prompts[i] for i in idx])
+        loss = ode_regression_loss(self.student, self.layout, x_levels, self.cfg.sigmas, context, self.pairs.actions[idx], self.gen)
+        self._apply(loss, self.student, self.opt, "ode")
+        self._update_ema()
+        return {"ode_loss": loss.item()}
+
+    def rollout(self, batch: dict, with_grad: bool) -> torch.Tensor:
+        """Self-forcing rollout of the horizon; ``(B, C, F, h, w)`` clean latents (grad at exit steps)."""
+        cfg = self.cfg
+        stream = StreamGenerator(self.student, FewStepSampler(cfg.sigmas), causal=cfg.causal, batch_size=len(batch["prompt"]))
+        stream.reset(batch["prompt"], batch["frames"][:, 0], self.gen)
+        F = cfg.causal.chunk_frames
+        chunks = []
+        with torch.set_grad_enabled(with_grad):
+            for c in range(self.teacher.cfg.horizon_frames // F):
+                exit_step = int(torch.randint(0, len(cfg.sigmas), (1,), generator=self.gen))
+                chunks.append(stream.next_chunk(batch["actions"][:, c * F : (c + 1) * F], exit_step=exit_step))
+        return torch.cat(chunks, 2)
+
+    def _dmd_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        B = cfg.batch_size
+        batch = collate_clips([self.data[self.step * B + i] for i in range(B)])
+        train_student = self.step % cfg.critic_ratio == 0
+        x0 = self.rollout(batch, with_grad=train_student)
+        num_f = x0.shape[2]
+        ctx = self.teacher.encode_prompts(batch["prompt"] + [""] * B)
+        acts = torch.cat([batch["actions"], torch.full_like(batch["actions"], self.teacher.dit.null_action)])
+        stats: dict[str, float] = {}
+        if train_student:
+            s_BF = sample_levels(B, num_f, self.gen, cfg.dmd_shift, cfg.dmd_s_min, cfg.dmd_s_max)
+            noise = torch.randn(x0.shape, generator=self.gen)
+            loss_g, extra = dmd_loss(x0, self.teacher, self.critic, ctx, acts, s_BF, noise, cfg.teacher_guidance)
+            self._apply(loss_g, self.student, self.opt, "dmd")
+            self._update_ema()
+            stats.update(dmd_loss=loss_g.item(), **extra)
+        s_BF = sample_levels(B, num_f, self.gen, cfg.dmd_shift, cfg.dmd_s_min, cfg.dmd_s_max)
+        noise = torch.randn(x0.shape, generator=self.gen)
+        critic_ctx = self.critic.encode_prompts(batch["prompt"])
+        loss_c = critic_loss(self.critic, x0.detach(), critic_ctx, batch["actions"], s_BF, noise)
+        self._apply(loss_c, self.critic, self.critic_opt, "critic")
+        stats["critic_loss"] = loss_c.item()
+        return stats
+
+    def _apply(self, loss: torch.Tensor, model: WorldModel, opt: torch.optim.Optimizer, term: str) -> None:
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(
+                f"step {self.step}: {term} loss is {loss.item()}; the last good checkpoint is {latest_checkpoint(self.out)}"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+        opt.step()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        for e, p in zip(self.ema.parameters(), self.student.parameters()):
+            e.lerp_(p, 1 - self.cfg.ema_decay)
+
+    def train(self, stop_after: int | None = None, progress: bool = True) -> list[dict[str, float]]:
+        cfg = self.cfg
+        if self.step == 0 and (ckpt := latest_checkpoint(self.out)) is not None:
+            self.resume(ckpt)
+        self.out.mkdir(parents=True, exist_ok=True)
+        writer = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.out / "tensorboard"))
+        end = cfg.max_steps if stop_after is None else min(cfg.max_steps, self.step + stop_after)
+        history = []
+        log = open(self.out / "losses.jsonl", "a")
+        bar = tqdm(total=end, initial=self.step, desc=f"distill ({cfg.method})", disable=not progress, dynamic_ncols=True)
+        try:
+            while self.step < end:
+                t0 = time.perf_counter()
+                stats = self._ode_step() if cfg.method == "ode" else self._dmd_step()
+                self.step += 1
+                stats["step_s"] = time.perf_counter() - t0
+                history.append(stats)
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    log.write(json.dumps({"step": self.step, **stats}) + "\n")
+                    log.flush()
+                    if writer is not None:
+                        for k, v in stats.items():
+                            writer.add_scalar(f"distill/{k}", v, self.step)
+                if self.step % cfg.ckpt_every == 0 or self.step == end:
+                    self.save()
+        finally:
+            bar.close()
+            log.close()
+            if writer is not None:
+                writer.close()
+        if self.step >= cfg.max_steps:
+            self.ema.eval().save(self.out / "final")
+        return history
