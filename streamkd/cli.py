@@ -60,6 +60,22 @@ def cmd_train(args) -> None:
         TeacherTrainer(cfg).train(progress=not args.no_progress)
 
 
+def cmd_distill(args) -> None:
+    from streamkd.config import load_config
+
+    if args.what == "ode-pairs":
+        from streamkd.distill.ode_pairs import ODEPairsConfig, generate_ode_pairs
+
+        out = generate_ode_pairs(load_config(ODEPairsConfig, args.config, args.overrides), progress=not args.no_progress)
+        print(f"ODE pairs in {out}")
+    else:
+        from streamkd.train.distill import DistillConfig, DistillTrainer
+
+        cfg = load_config(DistillConfig, args.config, args.overrides)
+        DistillTrainer(cfg).train(progress=not args.no_progress)
+        print(f"student: {cfg.out_dir}/final")
+
+
 def cmd_export(args) -> None:
     import torch
 
@@ -172,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
+        "distill", help="distillation: sample ODE pairs from the teacher, or train the student (ode / dmd)",
+        epilog="key.sub=value overrides may follow, e.g. max_steps=50 causal.window_frames=9",
+    )
+    p.add_argument("what", choices=["ode-pairs", "train"])
+    p.add_argument("--config", required=True, help="YAML under configs/toyworld/")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser(
         "export", help="turn a training run's latest checkpoint into an inference checkpoint",
         epilog="key.sub=value overrides of the run's config may follow, e.g. model.sampling.shift=3",
     )
@@ -226,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     # what argparse does not know
     args, extra = parser.parse_known_args(argv)
     bad = [x for x in extra if x.startswith("-") or "=" not in x]
-    if bad or (extra and args.command not in ("train", "bench", "export")):
+    if bad or (extra and args.command not in ("train", "bench", "export", "distill")):
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)} (config overrides look like key.sub=value)")
     args.overrides = extra
     try:

@@ -20,7 +20,6 @@ position is a pure function of the step.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -28,24 +27,23 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tqdm import tqdm
 
 from streamkd.attention.layout import CausalLayout
 from streamkd.checkpoint import (
-    CheckpointError,
     latest_checkpoint,
     load_training_checkpoint,
     optimizer_from_tensors,
     optimizer_to_tensors,
     save_training_checkpoint,
 )
-from streamkd.config import config_diff, from_dict, to_dict
+from streamkd.config import from_dict, to_dict
 from streamkd.data.toyworld import ToyClipDataset, collate_clips
 from streamkd.distill.losses import critic_loss, dmd_loss, ode_regression_loss, sample_levels
 from streamkd.distill.ode_pairs import ODEPairStore
 from streamkd.models.world import CausalConfig, SamplingConfig, WorldModel
 from streamkd.sampling.schedule import FewStepSampler
 from streamkd.sampling.stream import StreamGenerator
+from streamkd.train.common import RunLog, check_resume_config, restore_rng, rng_tensors, update_ema
 from streamkd.train.teacher import NonFiniteLossError
 
 
@@ -149,7 +147,7 @@ class DistillTrainer:
     def _files(self) -> dict:
         opt_t, opt_meta = optimizer_to_tensors(self.opt)
         files = {"model": self.student.state_dict(), "ema": self.ema.state_dict(), "optim": opt_t,
-                 "rng": {"noise": self.gen.get_state(), "torch": torch.get_rng_state()}}
+                 "rng": rng_tensors(self.gen)}
         meta = {"optimizer": opt_meta}
         if self.critic is not None:
             c_t, c_meta = optimizer_to_tensors(self.critic_opt)
@@ -165,18 +163,14 @@ class DistillTrainer:
     def resume(self, folder: Path) -> None:
         names = ["model", "ema", "optim", "rng"] + (["critic", "critic_optim"] if self.critic is not None else [])
         files, state = load_training_checkpoint(folder, names)
-        saved = from_dict(DistillConfig, state["config"])
-        diff = [d for d in config_diff(saved, self.cfg) if not d.startswith(("max_steps", "log_every", "ckpt_every", "tensorboard"))]
-        if diff:
-            raise CheckpointError(f"cannot resume {folder}: the config changed ({'; '.join(diff)}); restore those values or use a new out_dir")
+        check_resume_config(from_dict(DistillConfig, state["config"]), self.cfg, ("max_steps", "log_every", "ckpt_every", "tensorboard"), folder)
         self.student.load_state_dict(files["model"])
         self.ema.load_state_dict(files["ema"])
         optimizer_from_tensors(self.opt, files["optim"], state["optimizer"])
         if self.critic is not None:
             self.critic.load_state_dict(files["critic"])
             optimizer_from_tensors(self.critic_opt, files["critic_optim"], state["critic_optimizer"])
-        self.gen.set_state(files["rng"]["noise"])
-        torch.set_rng_state(files["rng"]["torch"])
+        restore_rng(files["rng"], self.gen)
         self.step = state["step"]
 
     # ---------------------------------------------------------------------------------- steps
@@ -187,7 +181,7 @@ class DistillTrainer:
         context = self.student.encode_prompts([self.pairs.prompts[i] for i in idx])
         loss = ode_regression_loss(self.student, self.layout, x_levels, self.cfg.sigmas, context, self.pairs.actions[idx], self.gen)
         self._apply(loss, self.student, self.opt, "ode")
-        self._update_ema()
+        update_ema(self.ema, self.student, self.cfg.ema_decay)
         return {"ode_loss": loss.item()}
 
     def rollout(self, batch: dict, with_grad: bool) -> torch.Tensor:
@@ -218,7 +212,7 @@ class DistillTrainer:
             noise = torch.randn(x0.shape, generator=self.gen)
             loss_g, extra = dmd_loss(x0, self.teacher, self.critic, ctx, acts, s_BF, noise, cfg.teacher_guidance)
             self._apply(loss_g, self.student, self.opt, "dmd")
-            self._update_ema()
+            update_ema(self.ema, self.student, self.cfg.ema_decay)
             stats.update(dmd_loss=loss_g.item(), **extra)
         s_BF = sample_levels(B, num_f, self.gen, cfg.dmd_shift, cfg.dmd_s_min, cfg.dmd_s_max)
         noise = torch.randn(x0.shape, generator=self.gen)
@@ -238,46 +232,24 @@ class DistillTrainer:
         torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
         opt.step()
 
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        for e, p in zip(self.ema.parameters(), self.student.parameters()):
-            e.lerp_(p, 1 - self.cfg.ema_decay)
-
     def train(self, stop_after: int | None = None, progress: bool = True) -> list[dict[str, float]]:
         cfg = self.cfg
         if self.step == 0 and (ckpt := latest_checkpoint(self.out)) is not None:
             self.resume(ckpt)
-        self.out.mkdir(parents=True, exist_ok=True)
-        writer = None
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(self.out / "tensorboard"))
         end = cfg.max_steps if stop_after is None else min(cfg.max_steps, self.step + stop_after)
         history = []
-        log = open(self.out / "losses.jsonl", "a")
-        bar = tqdm(total=end, initial=self.step, desc=f"distill ({cfg.method})", disable=not progress, dynamic_ncols=True)
-        try:
+        with RunLog(self.out, total=end, initial=self.step, desc=f"distill ({cfg.method})", tensorboard=cfg.tensorboard, progress=progress) as log:
             while self.step < end:
                 t0 = time.perf_counter()
                 stats = self._ode_step() if cfg.method == "ode" else self._dmd_step()
                 self.step += 1
                 stats["step_s"] = time.perf_counter() - t0
                 history.append(stats)
-                bar.update(1)
+                log.tick()
                 if self.step % cfg.log_every == 0 or self.step == end:
-                    log.write(json.dumps({"step": self.step, **stats}) + "\n")
-                    log.flush()
-                    if writer is not None:
-                        for k, v in stats.items():
-                            writer.add_scalar(f"distill/{k}", v, self.step)
+                    log.record(self.step, stats)
                 if self.step % cfg.ckpt_every == 0 or self.step == end:
                     self.save()
-        finally:
-            bar.close()
-            log.close()
-            if writer is not None:
-                writer.close()
         if self.step >= cfg.max_steps:
             self.ema.eval().save(self.out / "final")
         return history

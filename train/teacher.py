@@ -17,27 +17,25 @@ EMA and the optimizer, so a resumed run reproduces the losses of an uninterrupte
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from streamkd.checkpoint import (
-    CheckpointError,
     latest_checkpoint,
     load_training_checkpoint,
     optimizer_from_tensors,
     optimizer_to_tensors,
     save_training_checkpoint,
 )
-from streamkd.config import config_diff, from_dict, to_dict
+from streamkd.config import from_dict, to_dict
 from streamkd.data.toyworld import ToyClipDataset, collate_clips
 from streamkd.models.world import WorldModel, WorldModelConfig
 from streamkd.sampling.schedule import shift_sigmas
+from streamkd.train.common import RunLog, check_resume_config, restore_rng, rng_tensors, update_ema
 
 
 @dataclass
@@ -163,23 +161,17 @@ class TeacherTrainer:
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optim": opt_tensors,
-            "rng": {"noise": self.gen.get_state(), "torch": torch.get_rng_state()},
+            "rng": rng_tensors(self.gen),
         }
         return save_training_checkpoint(self.out, self.step, files, state)
 
     def resume(self, folder: Path) -> None:
         files, state = load_training_checkpoint(folder, ["model", "ema", "optim", "rng"])
-        saved = from_dict(TeacherTrainConfig, state["config"])
-        diff = [d for d in config_diff(saved, self.cfg) if not d.startswith(RESUMABLE_CHANGES)]
-        if diff:
-            raise CheckpointError(
-                f"cannot resume {folder}: the config changed ({'; '.join(diff)}); restore those values or use a new out_dir"
-            )
+        check_resume_config(from_dict(TeacherTrainConfig, state["config"]), self.cfg, RESUMABLE_CHANGES, folder)
         self.model.load_state_dict(files["model"])
         self.ema.load_state_dict(files["ema"])
         optimizer_from_tensors(self.opt, files["optim"], state["optimizer"])
-        self.gen.set_state(files["rng"]["noise"])
-        torch.set_rng_state(files["rng"]["torch"])
+        restore_rng(files["rng"], self.gen)
         self.step = state["step"]
 
     # ---------------------------------------------------------------------------------- loop
@@ -189,14 +181,6 @@ class TeacherTrainer:
 
     def _lr(self, step: int) -> float:
         return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        d = self.cfg.ema_decay
-        for e, p in zip(self.ema.parameters(), self.model.parameters()):
-            e.lerp_(p, 1 - d)
-        for e, b in zip(self.ema.buffers(), self.model.buffers()):
-            e.copy_(b)
 
     def train(self, stop_after: int | None = None, progress: bool = True) -> list[float]:
         """Run to ``max_steps`` (or ``stop_after`` more steps); returns the losses of the steps run."""
@@ -208,20 +192,10 @@ class TeacherTrainer:
             else:
                 self._fit_codec()
                 self.ema.load_state_dict(self.model.state_dict())
-        self.out.mkdir(parents=True, exist_ok=True)
-        writer = None
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ValueError("tensorboard is not installed: pip install 'streamkd[logging]' or set tensorboard=false") from None
-            writer = SummaryWriter(str(self.out / "tensorboard"))
         end = cfg.max_steps if stop_after is None else min(cfg.max_steps, self.step + stop_after)
         losses: list[float] = []
         data_time = step_time = 0.0
-        bar = tqdm(total=end, initial=self.step, desc="teacher", disable=not progress, dynamic_ncols=True)
-        log = open(self.out / "losses.jsonl", "a")
-        try:
+        with RunLog(self.out, total=end, initial=self.step, desc="teacher", tensorboard=cfg.tensorboard, progress=progress) as log:
             while self.step < end:
                 t0 = time.perf_counter()
                 batch = self._batch(self.step)
@@ -238,36 +212,19 @@ class TeacherTrainer:
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                 self.opt.step()
-                self._update_ema()
+                update_ema(self.ema, self.model, cfg.ema_decay)
                 self.step += 1
-                t2 = time.perf_counter()
                 data_time += t1 - t0
-                step_time += t2 - t0
+                step_time += time.perf_counter() - t0
                 losses.append(loss.item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                log.tick(loss=loss.item())
                 if self.step % cfg.log_every == 0 or self.step == end:
-                    record = {
-                        "step": self.step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": self._lr(self.step - 1),
+                    log.record(self.step, {
+                        "loss": loss.item(), "grad_norm": float(grad_norm), "lr": self._lr(self.step - 1),
                         "samples_per_s": cfg.batch_size * len(losses) / step_time, "data_share": data_time / step_time,
-                    }
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    if writer is not None:
-                        for k, v in record.items():
-                            if k != "step":
-                                writer.add_scalar(f"teacher/{k}", v, self.step)
+                    })
                 if self.step % cfg.ckpt_every == 0 or self.step == end:
                     self.save()
-        finally:
-            bar.close()
-            log.close()
-            if writer is not None:
-                writer.close()
         if self.step >= cfg.max_steps:
             self.ema.save(self.out / "final")
         return losses
-
-
-def main(cfg: TeacherTrainConfig) -> None:
-    TeacherTrainer(cfg).train()
