@@ -121,22 +121,33 @@ def cmd_generate(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from streamkd.eval.run import evaluate
+    from streamkd.eval.prompt_classifier import PromptClassifier
+    from streamkd.eval.run import evaluate, markdown_table, plot_psnr_curves
     from streamkd.models.world import WorldModel
 
-    out = Path(args.json) if args.json else None
-    if out is not None and not out.parent.is_dir():
-        raise ValueError(f"--json {out}: folder {out.parent} does not exist; create it first")
-    model = WorldModel.load(args.checkpoint)
-    sampling, causal = _sampling(args, model)
-    frames = args.frames or model.cfg.horizon_frames
-    result = evaluate(model, episodes=args.episodes, seed=args.seed, frames=frames, sampling=sampling, causal=causal)
-    text = json.dumps(result, indent=2)
-    if out is not None:
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(out)
-    print(text)
+    outs = [Path(p) for p in (args.json, args.markdown, args.plot) if p]
+    for out in outs:
+        if not out.parent.is_dir():
+            raise ValueError(f"{out}: folder {out.parent} does not exist; create it first")
+    results, classifier = {}, None
+    for checkpoint in args.checkpoint:
+        model = WorldModel.load(checkpoint)
+        classifier = classifier or PromptClassifier(model.cfg.world)
+        sampling, causal = _sampling(args, model)
+        frames = args.frames or model.cfg.horizon_frames
+        results[checkpoint] = evaluate(model, episodes=args.episodes, seed=args.seed, frames=frames, sampling=sampling,
+                                       causal=causal, drift_episodes=args.drift_episodes, classifier=classifier)
+    single = results[args.checkpoint[0]] if len(results) == 1 else results
+    text = json.dumps(single, indent=2)
+    table = markdown_table(results)
+    for path, content in ((args.json, text), (args.markdown, table)):
+        if path:
+            tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+            tmp.write_text(content + "\n")
+            tmp.replace(path)
+    if args.plot:
+        plot_psnr_curves(results, args.plot)
+    print(table)
 
 
 def cmd_bench(args) -> None:
@@ -224,12 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long-frames", type=int, default=480, help="frames of the long causal stream")
     p.set_defaults(func=cmd_quickstart)
 
-    p = sub.add_parser("eval", help="measure a checkpoint against toy-world ground truth (held-out seeds)")
-    p.add_argument("--checkpoint", required=True)
+    p = sub.add_parser("eval", help="measure checkpoints against toy-world ground truth (held-out seeds)")
+    p.add_argument("--checkpoint", required=True, action="append", help="checkpoint (repeat to compare several)")
     p.add_argument("--episodes", type=int, default=16, help="held-out episodes")
     p.add_argument("--seed", type=int, default=0, help="index of the first held-out episode")
     p.add_argument("--frames", type=int, default=0, help="frames per episode (default: the model's horizon)")
-    p.add_argument("--json", help="write the result here as well")
+    p.add_argument("--drift-episodes", type=int, default=4, help="tethered episodes for drift_psnr (causal runs)")
+    p.add_argument("--json", help="write the result(s) here as JSON")
+    p.add_argument("--markdown", help="write the table here")
+    p.add_argument("--plot", help="write the PSNR-vs-frame plot here (PNG)")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_eval)
 

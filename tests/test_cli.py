@@ -127,12 +127,15 @@ def test_train_bad_config_field(tmp_path: Path, capsys) -> None:
     assert "missing.yaml" in capsys.readouterr().err
 
 
-def test_eval_writes_json_with_floor_and_ceiling(checkpoints, tmp_path: Path) -> None:
-    out = tmp_path / "eval.json"
-    assert main(["eval", "--checkpoint", str(checkpoints["causal"]), "--episodes", "2", "--frames", "8", "--json", str(out)]) == 0
+def test_eval_writes_json_table_and_plot(checkpoints, tmp_path: Path) -> None:
+    out, md, png = tmp_path / "eval.json", tmp_path / "eval.md", tmp_path / "psnr.png"
+    assert main(["eval", "--checkpoint", str(checkpoints["causal"]), "--episodes", "2", "--frames", "8", "--drift-episodes", "1",
+                 "--json", str(out), "--markdown", str(md), "--plot", str(png)]) == 0
     result = json.loads(out.read_text())
-    for key in ("fidelity_psnr", "action_error_px", "fps_end_to_end"):
+    for key in ("fidelity_psnr", "action_error_px", "fps_end_to_end", "first_frame_latency_ms", "prompt_accuracy"):
         assert isinstance(result[key], float)
+    assert set(result["drift_psnr"]) == {"1x", "10x"} and len(result["psnr_curve"]) == 10 * 6 - 1
+    assert "| floor |" in md.read_text() and png.read_bytes()[:4] == b"\x89PNG"
     # the exact-shift ceiling beats the frozen floor on both metrics, by construction
     assert result["ceiling"]["fidelity_psnr"] > result["floor"]["fidelity_psnr"]
     assert result["ceiling"]["action_error_px"] < 0.1 < result["floor"]["action_error_px"]
