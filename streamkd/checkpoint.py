@@ -10,8 +10,8 @@ A step folder is written as ``step_000200.tmp-<pid>`` and renamed into place onl
 in it is flushed; ``latest`` is then replaced by rename. A run killed at any moment therefore
 leaves ``latest`` pointing at a complete checkpoint (a stray ``.tmp-*`` folder at worst).
 
-Optimizer state is flattened into tensors (``state.<param index>.<name>``) plus JSON for the
-param-group hyper-parameters, so nothing is pickled.
+Optimizer state is flattened into tensors (``state/<param>/<name>``) plus JSON for the param-group
+hyper-parameters, so nothing is pickled.
 """
 
 from __future__ import annotations
@@ -58,21 +58,22 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is truncated or corrupt ({e}); use an earlier checkpoint") from None
 
 
-def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+def optimizer_to_tensors(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten an optimizer state dict (``state`` keyed by parameter id or name) into tensors + JSON."""
     tensors: dict[str, torch.Tensor] = {}
-    for idx, state in sd["state"].items():
+    for key, state in sd["state"].items():
         for name, value in state.items():
-            tensors[f"state.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    return tensors, {"param_groups": sd["param_groups"]}
+            tensors[f"state/{key}/{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    keys_are_ints = all(isinstance(k, int) for k in sd["state"])
+    return tensors, {"param_groups": sd["param_groups"], "int_keys": keys_are_ints}
 
 
-def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[Any, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        _, param, name = key.split("/")
+        state.setdefault(int(param) if meta["int_keys"] else param, {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def save_training_checkpoint(

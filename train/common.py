@@ -14,11 +14,17 @@ from streamkd.config import config_diff
 
 
 class RunLog:
-    """``losses.jsonl`` + optional TensorBoard scalars + a progress bar, for one ``train()`` call."""
+    """``losses.jsonl`` + optional TensorBoard scalars + a progress bar, for one ``train()`` call.
 
-    def __init__(self, out: Path, *, total: int, initial: int, desc: str, tensorboard: bool, progress: bool) -> None:
-        out.mkdir(parents=True, exist_ok=True)
+    Only the main process logs (``main=False`` makes every method a no-op)."""
+
+    def __init__(self, out: Path, *, total: int, initial: int, desc: str, tensorboard: bool, progress: bool, main: bool = True) -> None:
+        self.main = main
         self.writer = None
+        self.prefix = desc.split()[0]
+        if not main:
+            return
+        out.mkdir(parents=True, exist_ok=True)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -27,14 +33,17 @@ class RunLog:
             self.writer = SummaryWriter(str(out / "tensorboard"))
         self.file = open(out / "losses.jsonl", "a")
         self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not progress, dynamic_ncols=True)
-        self.prefix = desc.split()[0]
 
     def tick(self, **postfix: float) -> None:
+        if not self.main:
+            return
         self.bar.update(1)
         if postfix:
             self.bar.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()})
 
     def record(self, step: int, values: dict[str, float]) -> None:
+        if not self.main:
+            return
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
         if self.writer is not None:
@@ -45,6 +54,8 @@ class RunLog:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if not self.main:
+            return
         self.bar.close()
         self.file.close()
         if self.writer is not None:

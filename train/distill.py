@@ -145,12 +145,12 @@ class DistillTrainer:
 
     # ----------------------------------------------------------------------------- checkpoints
     def _files(self) -> dict:
-        opt_t, opt_meta = optimizer_to_tensors(self.opt)
+        opt_t, opt_meta = optimizer_to_tensors(self.opt.state_dict())
         files = {"model": self.student.state_dict(), "ema": self.ema.state_dict(), "optim": opt_t,
                  "rng": rng_tensors(self.gen)}
         meta = {"optimizer": opt_meta}
         if self.critic is not None:
-            c_t, c_meta = optimizer_to_tensors(self.critic_opt)
+            c_t, c_meta = optimizer_to_tensors(self.critic_opt.state_dict())
             files["critic"], files["critic_optim"] = self.critic.state_dict(), c_t
             meta["critic_optimizer"] = c_meta
         return files, meta
@@ -166,10 +166,10 @@ class DistillTrainer:
         check_resume_config(from_dict(DistillConfig, state["config"]), self.cfg, ("max_steps", "log_every", "ckpt_every", "tensorboard"), folder)
         self.student.load_state_dict(files["model"])
         self.ema.load_state_dict(files["ema"])
-        optimizer_from_tensors(self.opt, files["optim"], state["optimizer"])
+        self.opt.load_state_dict(optimizer_from_tensors(files["optim"], state["optimizer"]))
         if self.critic is not None:
             self.critic.load_state_dict(files["critic"])
-            optimizer_from_tensors(self.critic_opt, files["critic_optim"], state["critic_optimizer"])
+            self.critic_opt.load_state_dict(optimizer_from_tensors(files["critic_optim"], state["critic_optimizer"]))
         restore_rng(files["rng"], self.gen)
         self.step = state["step"]
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from streamkd import distributed
 from streamkd.checkpoint import (
     latest_checkpoint,
     load_training_checkpoint,
@@ -79,6 +80,8 @@ class TeacherTrainConfig:
     """Write TensorBoard scalars (needs the `logging` extra)."""
     threads: int = 0
     """torch intra-op threads; 0 keeps torch's default."""
+    parallel: str = "fsdp2"
+    """Engine under torchrun (more than one process): fsdp2."""
 
     def __post_init__(self) -> None:
         for name in ("prompt_dropout", "action_dropout", "i2v_prob"):
@@ -92,7 +95,7 @@ class TeacherTrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
-RESUMABLE_CHANGES = ("max_steps", "log_every", "ckpt_every", "tensorboard", "threads", "model.sampling")
+RESUMABLE_CHANGES = ("max_steps", "log_every", "ckpt_every", "tensorboard", "threads", "model.sampling", "parallel")
 """Config fields a resumed run may change: they do not affect the optimisation."""
 
 
@@ -101,9 +104,13 @@ class NonFiniteLossError(ArithmeticError):
 
 
 def flow_matching_loss(
-    model: WorldModel, batch: dict, cfg: TeacherTrainConfig, gen: torch.Generator
+    model: WorldModel, batch: dict, cfg: TeacherTrainConfig, gen: torch.Generator, rows: slice = slice(None)
 ) -> torch.Tensor:
-    """One teacher loss on a collated batch; all randomness drawn from ``gen`` in a fixed order."""
+    """One teacher loss on a collated batch; all randomness drawn from ``gen`` in a fixed order.
+
+    Randomness is drawn for the whole (global) batch and the loss computed on ``rows`` only, so
+    data-parallel ranks, each with its slice, reproduce the single-process step.
+    """
     frames = batch["frames"]  # (B, F, H, W, 3) uint8
     B, num_f = frames.shape[:2]
     with torch.no_grad():
@@ -122,11 +129,14 @@ def flow_matching_loss(
     prompts = ["" if d else p for p, d in zip(batch["prompt"], drop_prompt.tolist())]
     actions = batch["actions"].clone()
     actions[drop_actions] = model.dit.null_action
-    v = model.dit(x_t, 1000.0 * s_BF, model.encode_prompts(prompts), actions)
+    v = model.dit(x_t[rows], 1000.0 * s_BF[rows], model.encode_prompts(prompts[rows]), actions[rows])
     weight_BF = torch.ones(B, num_f)
     weight_BF[i2v, 0] = 0.0
-    err_BF = (v.float() - target).pow(2).mean(dim=(1, 3, 4))
-    return (err_BF * weight_BF).sum() / weight_BF.sum()
+    err_BF = (v.float() - target[rows]).pow(2).mean(dim=(1, 3, 4))
+    # normalised by the *global* weight, scaled by the share of rows: the mean over ranks (what
+    # FSDP's gradient averaging computes) is then exactly the global-batch loss
+    share = B / err_BF.shape[0]
+    return (err_BF * weight_BF[rows]).sum() * share / weight_BF.sum()
 
 
 class TeacherTrainer:
@@ -134,9 +144,15 @@ class TeacherTrainer:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.dist = distributed.init()
         torch.manual_seed(cfg.seed)
         self.model = WorldModel(cfg.model)
         self.ema = WorldModel(cfg.model).requires_grad_(False)
+        self._fit_codec()  # deterministic, so every rank fits the same codec
+        self.ema.load_state_dict(self.model.state_dict())
+        if self.dist.enabled:
+            distributed.parallelize(self.model, cfg.parallel)
+            distributed.parallelize(self.ema, cfg.parallel)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.data = ToyClipDataset(cfg.model.world, cfg.model.horizon_frames, base_seed=cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -149,28 +165,29 @@ class TeacherTrainer:
         frames = torch.stack([fit_data[i]["frames"] for i in range(self.cfg.codec_fit_clips)])
         self.model.codec.fit(frames)
 
-    def save(self) -> Path:
-        opt_tensors, opt_meta = optimizer_to_tensors(self.opt)
-        state = {
-            "step": self.step,
-            "data_position": self.step * self.cfg.batch_size,
-            "config": to_dict(self.cfg),
-            "optimizer": opt_meta,
-        }
-        files = {
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optim": opt_tensors,
-            "rng": rng_tensors(self.gen),
-        }
-        return save_training_checkpoint(self.out, self.step, files, state)
+    def save(self) -> Path | None:
+        """Checkpoint (a collective under FSDP: every rank calls it, rank 0 writes)."""
+        model_sd, opt_sd = distributed.full_state(self.model, self.opt)
+        ema_sd, _ = distributed.full_state(self.ema)
+        folder = None
+        if self.dist.is_main:
+            opt_tensors, opt_meta = optimizer_to_tensors(opt_sd)
+            state = {
+                "step": self.step,
+                "data_position": self.step * self.cfg.batch_size,
+                "config": to_dict(self.cfg),
+                "optimizer": opt_meta,
+            }
+            files = {"model": model_sd, "ema": ema_sd, "optim": opt_tensors, "rng": rng_tensors(self.gen)}
+            folder = save_training_checkpoint(self.out, self.step, files, state)
+        distributed.barrier(self.dist)
+        return folder
 
     def resume(self, folder: Path) -> None:
         files, state = load_training_checkpoint(folder, ["model", "ema", "optim", "rng"])
         check_resume_config(from_dict(TeacherTrainConfig, state["config"]), self.cfg, RESUMABLE_CHANGES, folder)
-        self.model.load_state_dict(files["model"])
-        self.ema.load_state_dict(files["ema"])
-        optimizer_from_tensors(self.opt, files["optim"], state["optimizer"])
+        distributed.load_full_state(self.model, files["model"], self.opt, optimizer_from_tensors(files["optim"], state["optimizer"]))
+        distributed.load_full_state(self.ema, files["ema"])
         restore_rng(files["rng"], self.gen)
         self.step = state["step"]
 
@@ -185,27 +202,24 @@ class TeacherTrainer:
     def train(self, stop_after: int | None = None, progress: bool = True) -> list[float]:
         """Run to ``max_steps`` (or ``stop_after`` more steps); returns the losses of the steps run."""
         cfg = self.cfg
-        if self.step == 0:  # a fresh trainer: resume the run if it has a checkpoint, else start it
-            ckpt = latest_checkpoint(self.out)
-            if ckpt is not None:
-                self.resume(ckpt)
-            else:
-                self._fit_codec()
-                self.ema.load_state_dict(self.model.state_dict())
+        if self.step == 0 and (ckpt := latest_checkpoint(self.out)) is not None:
+            self.resume(ckpt)  # a fresh trainer continues its run
         end = cfg.max_steps if stop_after is None else min(cfg.max_steps, self.step + stop_after)
         losses: list[float] = []
         data_time = step_time = 0.0
-        with RunLog(self.out, total=end, initial=self.step, desc="teacher", tensorboard=cfg.tensorboard, progress=progress) as log:
+        with RunLog(self.out, total=end, initial=self.step, desc="teacher", tensorboard=cfg.tensorboard, progress=progress,
+                    main=self.dist.is_main) as log:
             while self.step < end:
                 t0 = time.perf_counter()
                 batch = self._batch(self.step)
                 t1 = time.perf_counter()
                 for group in self.opt.param_groups:
                     group["lr"] = self._lr(self.step)
-                loss = flow_matching_loss(self.model, batch, cfg, self.gen)
-                if not math.isfinite(loss.item()):
+                loss = flow_matching_loss(self.model, batch, cfg, self.gen, self.dist.rows(cfg.batch_size))
+                loss_value = self.dist.mean(loss)
+                if not math.isfinite(loss_value):
                     raise NonFiniteLossError(
-                        f"step {self.step}: flow-matching loss is {loss.item()}; the last good checkpoint is "
+                        f"step {self.step}: flow-matching loss is {loss_value}; the last good checkpoint is "
                         f"{latest_checkpoint(self.out)}; lower lr or raise grad_clip"
                     )
                 self.opt.zero_grad(set_to_none=True)
@@ -216,15 +230,19 @@ class TeacherTrainer:
                 self.step += 1
                 data_time += t1 - t0
                 step_time += time.perf_counter() - t0
-                losses.append(loss.item())
-                log.tick(loss=loss.item())
+                losses.append(loss_value)
+                log.tick(loss=loss_value)
                 if self.step % cfg.log_every == 0 or self.step == end:
                     log.record(self.step, {
-                        "loss": loss.item(), "grad_norm": float(grad_norm), "lr": self._lr(self.step - 1),
+                        "loss": loss_value, "grad_norm": float(grad_norm), "lr": self._lr(self.step - 1),
                         "samples_per_s": cfg.batch_size * len(losses) / step_time, "data_share": data_time / step_time,
                     })
                 if self.step % cfg.ckpt_every == 0 or self.step == end:
                     self.save()
         if self.step >= cfg.max_steps:
-            self.ema.save(self.out / "final")
+            ema_sd, _ = distributed.full_state(self.ema)
+            if self.dist.is_main:
+                final = WorldModel(cfg.model)
+                final.load_state_dict(ema_sd)
+                final.save(self.out / "final")
         return losses
