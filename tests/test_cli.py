@@ -145,3 +145,16 @@ def test_entry_point_exit_code(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "streamkd.cli", "generate", "--checkpoint", str(tmp_path), "--prompt", "x",
                            "--out", str(tmp_path / "a.mp4")], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+
+
+def test_bench_stream_reports_bounded_cost(checkpoints, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["bench", "stream", "--checkpoint", str(checkpoints["causal"]), "--milestones", "20", "60", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["latency_ms"]) == set(result["peak_rss_mb"]) == {"20", "60"}
+    assert result["cache_mb"] > 0 and "denoising passes" in result["counts"]
+
+
+def test_bench_stream_refuses_bidirectional(checkpoints, capsys) -> None:
+    assert main(["bench", "stream", "--checkpoint", str(checkpoints["bidirectional"])]) == 2
+    assert "causal" in capsys.readouterr().err
