@@ -52,9 +52,12 @@ class TeacherTrainConfig:
     batch_size: int = 6
     """Clips per step."""
     lr: float = 4e-4
-    """AdamW peak learning rate (linear warm-up, then constant)."""
+    """AdamW peak learning rate (linear warm-up, constant, optional linear decay from decay_start)."""
     warmup_steps: int = 100
     """Linear warm-up steps."""
+    decay_start: int = 0
+    """Step from which the learning rate decays linearly to 0 at max_steps (0: no decay). May be
+    set when resuming, to anneal a run that trained at constant rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -95,8 +98,10 @@ class TeacherTrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
-RESUMABLE_CHANGES = ("max_steps", "log_every", "ckpt_every", "tensorboard", "threads", "model.sampling", "parallel")
-"""Config fields a resumed run may change: they do not affect the optimisation."""
+RESUMABLE_CHANGES = (
+    "max_steps", "decay_start", "log_every", "ckpt_every", "tensorboard", "threads", "model.sampling", "parallel"
+)
+"""Config fields a resumed run may change: bookkeeping, and the length and annealing of the schedule."""
 
 
 class NonFiniteLossError(ArithmeticError):
@@ -197,7 +202,11 @@ class TeacherTrainer:
         return collate_clips([self.data[first + i] for i in range(self.cfg.batch_size)])
 
     def _lr(self, step: int) -> float:
-        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+        cfg = self.cfg
+        scale = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        if 0 < cfg.decay_start <= step:
+            scale *= max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - cfg.decay_start))
+        return cfg.lr * scale
 
     def train(self, stop_after: int | None = None, progress: bool = True) -> list[float]:
         """Run to ``max_steps`` (or ``stop_after`` more steps); returns the losses of the steps run."""
