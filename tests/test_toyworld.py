@@ -30,7 +30,7 @@ from streamkd.data.toyworld import (
 )
 
 PROMPT = "forest with red squares"
-PINNED_DIGEST = "ce11a59e308b5a0d"
+PINNED_DIGEST = "63c192e97e496237"
 
 
 def test_render_is_deterministic_and_seed_dependent() -> None:
@@ -61,7 +61,7 @@ def test_same_seed_keeps_layout_across_prompts() -> None:
 
 
 def test_static_frames_follow_camera_offsets_exactly() -> None:
-    cfg = ToyWorldConfig(num_objects=0)
+    cfg = ToyWorldConfig(num_objects=0, speed_px=4)
     world = ToyWorld(cfg, 7, "ocean with yellow triangles")
     actions = ["none", "right", "right", "right", "down", "down", "left", "up", "up", "up"]
     frames = world.render(actions, len(actions))
@@ -77,7 +77,7 @@ def test_static_frames_follow_camera_offsets_exactly() -> None:
 
 
 def test_camera_right_moves_content_left() -> None:
-    frames = ToyWorld(ToyWorldConfig(), 2, PROMPT).render_static(["none", "right"], 2)
+    frames = ToyWorld(ToyWorldConfig(speed_px=4), 2, PROMPT).render_static(["none", "right"], 2)
     np.testing.assert_array_equal(frames[1][:, :-4], frames[0][:, 4:])
 
 

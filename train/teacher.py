@@ -6,7 +6,8 @@ Objective (rectified flow, Lipman et al. 2023 / SD3 eq. 1): for clean latents ``
 and a per-clip level ``s`` (uniform, then shifted towards 1 as in Wan / SD3 eq. 23), the model at ``x_s = (1-s) x0 + s e`` is
 regressed onto ``v = e - x0`` with a mean-squared error. Image-to-video: with probability
 ``i2v_prob`` frame 0 is kept clean (t = 0) and left out of the loss, so the teacher learns to
-continue a given first frame. Classifier-free guidance: the prompt is replaced by the empty
+continue a given first frame. With probability ``diffusion_forcing_prob`` a clip gets one level per
+frame instead (Diffusion Forcing). Classifier-free guidance: the prompt is replaced by the empty
 prompt with probability ``prompt_dropout``, the actions by the null action with probability
 ``action_dropout`` (independently).
 
@@ -70,6 +71,11 @@ class TeacherTrainConfig:
     """Probability of training on null actions (CFG)."""
     i2v_prob: float = 0.9
     """Probability that frame 0 is given clean (image-to-video) rather than generated."""
+    diffusion_forcing_prob: float = 0.5
+    """Probability that a clip gets an independent noise level per frame (Diffusion Forcing,
+    Chen et al. 2024) instead of one level for all frames. Nearly clean neighbours then teach the
+    local transition -- shift the previous frame as the action says -- which a clip-wide level
+    only reveals through the whole chain back to frame 0."""
     timestep_shift: float = 3.0
     """Training noise levels are shift(u), u ~ U(0, 1): shift > 1 trains high noise more often, where
     the model must carry content over from the first frame instead of denoising locally."""
@@ -87,7 +93,7 @@ class TeacherTrainConfig:
     """Engine under torchrun (more than one process): fsdp2."""
 
     def __post_init__(self) -> None:
-        for name in ("prompt_dropout", "action_dropout", "i2v_prob"):
+        for name in ("prompt_dropout", "action_dropout", "i2v_prob", "diffusion_forcing_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.batch_size < 1 or self.max_steps < 1:
@@ -125,8 +131,10 @@ def flow_matching_loss(
     i2v = torch.rand(B, generator=gen) < cfg.i2v_prob
     drop_prompt = torch.rand(B, generator=gen) < cfg.prompt_dropout
     drop_actions = torch.rand(B, generator=gen) < cfg.action_dropout
+    per_frame = torch.rand(B, generator=gen) < cfg.diffusion_forcing_prob
+    s_per_frame = shift_sigmas(torch.rand(B, num_f, generator=gen), cfg.timestep_shift)
 
-    s_BF = s[:, None].expand(B, num_f).clone()
+    s_BF = torch.where(per_frame[:, None], s_per_frame, s[:, None].expand(B, num_f))
     s_BF[i2v, 0] = 0.0
     s_b = s_BF[:, None, :, None, None]
     x_t = (1 - s_b) * x0 + s_b * noise

@@ -68,8 +68,12 @@ class ToyWorldConfig:
     map_size: int = 256
     """Side of the square world map in pixels. The map is a torus: the camera wraps around."""
 
-    speed_px: int = 4
-    """Camera displacement in pixels per frame while a move action is held."""
+    speed_px: int = 8
+    """Camera displacement in pixels per frame while a move action is held. 8 px is one DiT token
+    of the toy model (4 px codec cells x 2x2 patches), so a move shifts the content by whole
+    tokens: the model learns it as attention to a neighbouring token. At 4 px every output token
+    had to be recombined from halves of two source tokens, which a small teacher did not learn
+    in a CPU budget."""
 
     num_objects: int = 2
     """Moving objects (constant velocity, bouncing in a world-space box around the start view)."""
