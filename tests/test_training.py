@@ -102,3 +102,15 @@ def test_sigkill_during_training_leaves_a_loadable_latest(tmp_path: Path) -> Non
     assert done.returncode == 0, done.stderr
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
     assert steps[-1] == 40
+
+
+def test_init_warm_starts_from_an_inference_checkpoint(tmp_path: Path) -> None:
+    TeacherTrainer(tiny_config(tmp_path / "a", max_steps=2)).train(progress=False)
+    start = WorldModel.load(tmp_path / "a" / "final")
+    trainer = TeacherTrainer(tiny_config(tmp_path / "b", init=str(tmp_path / "a" / "final")))
+    for (name, x), y in zip(start.state_dict().items(), trainer.model.state_dict().values()):
+        assert torch.equal(x, y), name
+    other = replace(tiny_config(tmp_path / "c"), init=str(tmp_path / "a" / "final"))
+    other.model.dit.num_layers = 3
+    with pytest.raises(ValueError, match="another model.dit/model.codec shape"):
+        TeacherTrainer(other)

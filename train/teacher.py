@@ -44,6 +44,9 @@ from streamkd.train.common import RunLog, check_resume_config, restore_rng, rng_
 class TeacherTrainConfig:
     model: WorldModelConfig = field(default_factory=WorldModelConfig)
     """Model, codec and toy-world shape."""
+    init: str | None = None
+    """Warm start: an inference checkpoint (folder or shipped name) whose weights and codec replace
+    the random init and the codec fit -- to continue training a shipped teacher."""
     out_dir: str = "runs/teacher"
     """Run folder: checkpoints/, tensorboard/, losses.jsonl, final/ (inference checkpoint)."""
     seed: int = 0
@@ -161,7 +164,13 @@ class TeacherTrainer:
         torch.manual_seed(cfg.seed)
         self.model = WorldModel(cfg.model)
         self.ema = WorldModel(cfg.model).requires_grad_(False)
-        self._fit_codec()  # deterministic, so every rank fits the same codec
+        if cfg.init:
+            start = WorldModel.load(cfg.init)
+            if start.cfg.dit != cfg.model.dit or start.cfg.codec != cfg.model.codec:
+                raise ValueError(f"init checkpoint {cfg.init} has another model.dit/model.codec shape than this config")
+            self.model.load_state_dict(start.state_dict())
+        else:
+            self._fit_codec()  # deterministic, so every rank fits the same codec
         self.ema.load_state_dict(self.model.state_dict())
         if self.dist.enabled:
             distributed.parallelize(self.model, cfg.parallel)
