@@ -23,6 +23,7 @@ examples:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults come from the checkpoint's config.json)")
+    g.add_argument("--sampler", choices=["euler", "few_step"], help="euler ODE, or few_step (predict x0, re-noise)")
     g.add_argument("--steps", type=int, help="denoising steps (per chunk when streaming)")
     g.add_argument("--guidance", type=float, help="CFG scale s in uncond + s (cond - uncond); 1 = off")
     g.add_argument("--shift", type=float, help="timestep shift")
@@ -36,7 +37,11 @@ def _sampling(args, model):
     from streamkd.generate import with_overrides
     from streamkd.models.world import CausalConfig
 
-    sampling = with_overrides(model.cfg.sampling, num_steps=args.steps, guidance_scale=args.guidance, shift=args.shift)
+    sampling = with_overrides(model.cfg.sampling, kind=args.sampler, num_steps=args.steps, guidance_scale=args.guidance, shift=args.shift)
+    if args.steps and sampling.sigmas is not None:  # explicit levels would override --steps
+        from dataclasses import replace
+
+        sampling = replace(sampling, sigmas=None)
     causal = model.cfg.causal
     if causal is None and args.causal:
         causal = CausalConfig()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ def _tiny_model(causal: CausalConfig | None) -> WorldModel:
     cfg = WorldModelConfig(
         dit=DiTConfig(in_channels=8, out_channels=8, num_layers=2, num_heads=2, head_dim=12, ffn_dim=32, text_dim=16, num_actions=5),
         codec=CodecConfig(patch=4, latent_channels=8),
-        world=ToyWorldConfig(frame_size=32, map_size=128),
+        world=ToyWorldConfig(frame_size=32, map_size=128, speed_px=4),
         horizon_frames=6,
         causal=causal,
         sampling=SamplingConfig(kind="euler", num_steps=2),
