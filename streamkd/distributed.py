@@ -81,6 +81,20 @@ def parallelize(model: torch.nn.Module, engine: str = "fsdp2") -> None:
     fully_shard(model.prompt_encoder)
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP2 module of ``model`` back into its sharded state.
+
+    A root module that ran forward without backward (a prompt encoder called under no_grad in a
+    rollout) keeps its parameters unsharded; elementwise updates across two models (EMA) need
+    both sharded alike. A no-op for unsharded models.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 

@@ -20,23 +20,6 @@ from streamkd.sampling.schedule import EulerSampler
 from streamkd.train.distill import DistillConfig, DistillTrainer
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    cfg = WorldModelConfig(
-        dit=DiTConfig(in_channels=8, out_channels=8, num_layers=2, num_heads=2, head_dim=12, ffn_dim=32, text_dim=16, num_actions=5),
-        codec=CodecConfig(patch=4, latent_channels=8),
-        world=ToyWorldConfig(frame_size=32, map_size=128),
-        horizon_frames=4,
-    )
-    torch.manual_seed(0)
-    model = WorldModel(cfg)
-    clips = ToyClipDataset(cfg.world, 2)
-    model.codec.fit(torch.stack([clips[i]["frames"] for i in range(8)]))
-    folder = tmp_path_factory.mktemp("teacher")
-    model.save(folder)
-    return folder
-
-
 def _pairs_cfg(teacher_dir: Path, out: Path) -> ODEPairsConfig:
     return ODEPairsConfig(teacher=str(teacher_dir), out_dir=str(out), num_clips=4, shard_clips=2, num_steps=4, keep_sigmas=[1.0, 0.5])
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from streamkd import distributed
 from streamkd.checkpoint import CheckpointError
 from streamkd.config import config_diff
 
@@ -65,6 +66,7 @@ class RunLog:
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """``ema = decay * ema + (1 - decay) * model`` on parameters; buffers (codec) are copied."""
+    distributed.reshard(model)
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):

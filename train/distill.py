@@ -15,6 +15,11 @@
 
 Exact resume: step, both models, critic, EMA, optimizers and the RNG state are checkpointed; data
 position is a pure function of the step.
+
+Data parallel (``torchrun``, ``streamkd.distributed``): student, EMA, critic and teacher are
+sharded with FSDP2 from outside; every rank draws the randomness of the *global* batch (exit
+steps, rollout noise, DMD levels) from the same generator and works on its own slice of rows, so
+N processes reproduce the single-process losses (tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Literal
 
 import torch
 
+from streamkd import distributed
 from streamkd.attention.layout import CausalLayout
 from streamkd.checkpoint import (
     latest_checkpoint,
@@ -93,6 +99,10 @@ class DistillConfig:
     """Steps between checkpoints."""
     tensorboard: bool = True
     """TensorBoard scalars."""
+    threads: int = 0
+    """torch intra-op threads; 0 keeps torch's default."""
+    parallel: str = "fsdp2"
+    """Engine under torchrun (more than one process): fsdp2."""
 
     def __post_init__(self) -> None:
         FewStepSampler(self.sigmas)  # validates
@@ -114,9 +124,17 @@ def _check_fit(teacher: WorldModel, student: WorldModel, cfg: DistillConfig) -> 
         )
 
 
+RESUMABLE_CHANGES = ("max_steps", "log_every", "ckpt_every", "tensorboard", "threads", "parallel")
+"""Config fields a resumed run may change."""
+
+
 class DistillTrainer:
     def __init__(self, cfg: DistillConfig) -> None:
         self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.dist = distributed.init()
+        self.rows = self.dist.rows(cfg.batch_size)
         torch.manual_seed(cfg.seed)
         self.teacher = WorldModel.load(cfg.teacher).requires_grad_(False)
         init = WorldModel.load(cfg.init) if cfg.init else self.teacher
@@ -127,11 +145,17 @@ class DistillTrainer:
         self.student.load_state_dict(init.state_dict())
         _check_fit(self.teacher, self.student, cfg)
         self.student.train()
+        # the prompt encoder is the teacher's and stays frozen, as a real teacher's text encoder does
+        self.student.prompt_encoder.requires_grad_(False)
         self.ema = copy.deepcopy(self.student).requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=0.0)
-        self.critic = None
+        self.critic = copy.deepcopy(self.teacher).requires_grad_(True).train() if cfg.method == "dmd" else None
+        if self.dist.enabled:  # from outside the model code, before the optimizers exist
+            for model in (self.student, self.ema, self.critic, self.teacher):
+                if model is not None:
+                    distributed.parallelize(model, cfg.parallel)
+        trainable = [p for p in self.student.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
         if cfg.method == "dmd":
-            self.critic = copy.deepcopy(self.teacher).requires_grad_(True).train()
             self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0)
             self.data = ToyClipDataset(self.teacher.cfg.world, self.teacher.cfg.horizon_frames, base_seed=cfg.seed + 100)
         else:
@@ -144,50 +168,57 @@ class DistillTrainer:
         self.out = Path(cfg.out_dir)
 
     # ----------------------------------------------------------------------------- checkpoints
-    def _files(self) -> dict:
-        opt_t, opt_meta = optimizer_to_tensors(self.opt.state_dict())
-        files = {"model": self.student.state_dict(), "ema": self.ema.state_dict(), "optim": opt_t,
-                 "rng": rng_tensors(self.gen)}
-        meta = {"optimizer": opt_meta}
+    def save(self) -> Path | None:
+        """Full (unsharded) state; a collective under FSDP (every rank calls it, rank 0 writes)."""
+        model_sd, opt_sd = distributed.full_state(self.student, self.opt)
+        ema_sd, _ = distributed.full_state(self.ema)
+        critic_sd = critic_opt_sd = None
         if self.critic is not None:
-            c_t, c_meta = optimizer_to_tensors(self.critic_opt.state_dict())
-            files["critic"], files["critic_optim"] = self.critic.state_dict(), c_t
-            meta["critic_optimizer"] = c_meta
-        return files, meta
-
-    def save(self) -> Path:
-        files, meta = self._files()
-        state = {"step": self.step, "config": to_dict(self.cfg), "student_config": to_dict(self.student.cfg), **meta}
-        return save_training_checkpoint(self.out, self.step, files, state)
+            critic_sd, critic_opt_sd = distributed.full_state(self.critic, self.critic_opt)
+        folder = None
+        if self.dist.is_main:
+            opt_t, opt_meta = optimizer_to_tensors(opt_sd)
+            files = {"model": model_sd, "ema": ema_sd, "optim": opt_t, "rng": rng_tensors(self.gen)}
+            state = {"step": self.step, "config": to_dict(self.cfg), "student_config": to_dict(self.student.cfg),
+                     "optimizer": opt_meta}
+            if critic_sd is not None:
+                files["critic"] = critic_sd
+                files["critic_optim"], state["critic_optimizer"] = optimizer_to_tensors(critic_opt_sd)
+            folder = save_training_checkpoint(self.out, self.step, files, state)
+        distributed.barrier(self.dist)
+        return folder
 
     def resume(self, folder: Path) -> None:
         names = ["model", "ema", "optim", "rng"] + (["critic", "critic_optim"] if self.critic is not None else [])
         files, state = load_training_checkpoint(folder, names)
-        check_resume_config(from_dict(DistillConfig, state["config"]), self.cfg, ("max_steps", "log_every", "ckpt_every", "tensorboard"), folder)
-        self.student.load_state_dict(files["model"])
-        self.ema.load_state_dict(files["ema"])
-        self.opt.load_state_dict(optimizer_from_tensors(files["optim"], state["optimizer"]))
+        check_resume_config(from_dict(DistillConfig, state["config"]), self.cfg, RESUMABLE_CHANGES, folder)
+        distributed.load_full_state(self.student, files["model"], self.opt, optimizer_from_tensors(files["optim"], state["optimizer"]))
+        distributed.load_full_state(self.ema, files["ema"])
         if self.critic is not None:
-            self.critic.load_state_dict(files["critic"])
-            self.critic_opt.load_state_dict(optimizer_from_tensors(files["critic_optim"], state["critic_optimizer"]))
+            critic_opt = optimizer_from_tensors(files["critic_optim"], state["critic_optimizer"])
+            distributed.load_full_state(self.critic, files["critic"], self.critic_opt, critic_opt)
         restore_rng(files["rng"], self.gen)
         self.step = state["step"]
 
     # ---------------------------------------------------------------------------------- steps
     def _ode_step(self) -> dict[str, float]:
         B = self.cfg.batch_size
-        idx = [(self.step * B + i) % len(self.pairs) for i in range(B)]
+        idx = [(self.step * B + i) % len(self.pairs) for i in range(B)][self.rows]
         x_levels = self.pairs.latents[idx].float()
         context = self.student.encode_prompts([self.pairs.prompts[i] for i in idx])
-        loss = ode_regression_loss(self.student, self.layout, x_levels, self.cfg.sigmas, context, self.pairs.actions[idx], self.gen)
-        self._apply(loss, self.student, self.opt, "ode")
+        loss = ode_regression_loss(self.student, self.layout, x_levels, self.cfg.sigmas, context, self.pairs.actions[idx],
+                                   self.gen, (B, self.rows))
+        value = self._apply(loss, self.student, self.opt, "ode")
         update_ema(self.ema, self.student, self.cfg.ema_decay)
-        return {"ode_loss": loss.item()}
+        return {"ode_loss": value}
 
     def rollout(self, batch: dict, with_grad: bool) -> torch.Tensor:
-        """Self-forcing rollout of the horizon; ``(B, C, F, h, w)`` clean latents (grad at exit steps)."""
+        """Self-forcing rollout of the horizon; ``(B, C, F, h, w)`` clean latents (grad at exit steps).
+
+        ``batch`` is this rank's rows of the global batch (all of it in one process)."""
         cfg = self.cfg
-        stream = StreamGenerator(self.student, FewStepSampler(cfg.sigmas), causal=cfg.causal, batch_size=len(batch["prompt"]))
+        stream = StreamGenerator(self.student, FewStepSampler(cfg.sigmas), causal=cfg.causal, batch_size=len(batch["prompt"]),
+                                 global_batch=(cfg.batch_size, self.rows))
         stream.reset(batch["prompt"], batch["frames"][:, 0], self.gen)
         F = cfg.causal.chunk_frames
         chunks = []
@@ -199,8 +230,9 @@ class DistillTrainer:
 
     def _dmd_step(self) -> dict[str, float]:
         cfg = self.cfg
-        B = cfg.batch_size
-        batch = collate_clips([self.data[self.step * B + i] for i in range(B)])
+        rows = self.rows
+        batch = collate_clips([self.data[self.step * cfg.batch_size + i] for i in range(cfg.batch_size)[rows]])
+        B = len(batch["prompt"])
         train_student = self.step % cfg.critic_ratio == 0
         x0 = self.rollout(batch, with_grad=train_student)
         num_f = x0.shape[2]
@@ -208,29 +240,36 @@ class DistillTrainer:
         acts = torch.cat([batch["actions"], torch.full_like(batch["actions"], self.teacher.dit.null_action)])
         stats: dict[str, float] = {}
         if train_student:
-            s_BF = sample_levels(B, num_f, self.gen, cfg.dmd_shift, cfg.dmd_s_min, cfg.dmd_s_max)
-            noise = torch.randn(x0.shape, generator=self.gen)
+            s_BF, noise = self._levels_and_noise(x0.shape, num_f)
             loss_g, extra = dmd_loss(x0, self.teacher, self.critic, ctx, acts, s_BF, noise, cfg.teacher_guidance)
-            self._apply(loss_g, self.student, self.opt, "dmd")
+            stats["dmd_loss"] = self._apply(loss_g, self.student, self.opt, "dmd")
             update_ema(self.ema, self.student, self.cfg.ema_decay)
-            stats.update(dmd_loss=loss_g.item(), **extra)
-        s_BF = sample_levels(B, num_f, self.gen, cfg.dmd_shift, cfg.dmd_s_min, cfg.dmd_s_max)
-        noise = torch.randn(x0.shape, generator=self.gen)
+            stats.update(extra)
+        s_BF, noise = self._levels_and_noise(x0.shape, num_f)
         critic_ctx = self.critic.encode_prompts(batch["prompt"])
         loss_c = critic_loss(self.critic, x0.detach(), critic_ctx, batch["actions"], s_BF, noise)
-        self._apply(loss_c, self.critic, self.critic_opt, "critic")
-        stats["critic_loss"] = loss_c.item()
+        stats["critic_loss"] = self._apply(loss_c, self.critic, self.critic_opt, "critic")
         return stats
 
-    def _apply(self, loss: torch.Tensor, model: WorldModel, opt: torch.optim.Optimizer, term: str) -> None:
-        if not math.isfinite(loss.item()):
+    def _levels_and_noise(self, shape: torch.Size, num_f: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """DMD / critic noise levels and noise, drawn for the global batch; this rank's rows."""
+        size = self.cfg.batch_size
+        s_BF = sample_levels(size, num_f, self.gen, self.cfg.dmd_shift, self.cfg.dmd_s_min, self.cfg.dmd_s_max)
+        noise = torch.randn((size, *shape[1:]), generator=self.gen)
+        return s_BF[self.rows], noise[self.rows]
+
+    def _apply(self, loss: torch.Tensor, model: WorldModel, opt: torch.optim.Optimizer, term: str) -> float:
+        """One optimizer step on ``loss`` (this rank's share); returns the global-batch loss."""
+        value = self.dist.mean(loss)
+        if not math.isfinite(value):
             raise NonFiniteLossError(
-                f"step {self.step}: {term} loss is {loss.item()}; the last good checkpoint is {latest_checkpoint(self.out)}"
+                f"step {self.step}: {term} loss is {value}; the last good checkpoint is {latest_checkpoint(self.out)}"
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
         opt.step()
+        return value
 
     def train(self, stop_after: int | None = None, progress: bool = True) -> list[dict[str, float]]:
         cfg = self.cfg
@@ -238,7 +277,8 @@ class DistillTrainer:
             self.resume(ckpt)
         end = cfg.max_steps if stop_after is None else min(cfg.max_steps, self.step + stop_after)
         history = []
-        with RunLog(self.out, total=end, initial=self.step, desc=f"distill ({cfg.method})", tensorboard=cfg.tensorboard, progress=progress) as log:
+        with RunLog(self.out, total=end, initial=self.step, desc=f"distill ({cfg.method})", tensorboard=cfg.tensorboard,
+                    progress=progress, main=self.dist.is_main) as log:
             while self.step < end:
                 t0 = time.perf_counter()
                 stats = self._ode_step() if cfg.method == "ode" else self._dmd_step()
@@ -251,5 +291,9 @@ class DistillTrainer:
                 if self.step % cfg.ckpt_every == 0 or self.step == end:
                     self.save()
         if self.step >= cfg.max_steps:
-            self.ema.eval().save(self.out / "final")
+            ema_sd, _ = distributed.full_state(self.ema)
+            if self.dist.is_main:
+                final = WorldModel(self.student.cfg)
+                final.load_state_dict(ema_sd)
+                final.eval().save(self.out / "final")
         return history

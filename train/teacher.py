@@ -18,6 +18,7 @@ EMA and the optimizer, so a resumed run reproduces the losses of an uninterrupte
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -166,7 +167,10 @@ class TeacherTrainer:
         self.ema = WorldModel(cfg.model).requires_grad_(False)
         if cfg.init:
             start = WorldModel.load(cfg.init)
-            if start.cfg.dit != cfg.model.dit or start.cfg.codec != cfg.model.codec:
+            # action_shifts is how positions are computed, not a weight: a checkpoint trained
+            # without camera-anchored RoPE may be continued with it
+            same_dit = dataclasses.replace(start.cfg.dit, action_shifts=cfg.model.dit.action_shifts) == cfg.model.dit
+            if not same_dit or start.cfg.codec != cfg.model.codec:
                 raise ValueError(f"init checkpoint {cfg.init} has another model.dit/model.codec shape than this config")
             self.model.load_state_dict(start.state_dict())
         else:

@@ -33,6 +33,8 @@ class KVCacheSnapshot:
     k: torch.Tensor
     v: torch.Tensor
     frames_written: int
+    camera: torch.Tensor
+    camera_last: torch.Tensor
 
 
 class KVCache:
@@ -68,6 +70,12 @@ class KVCache:
         shape = (num_layers, batch_size, num_slots * tokens_per_frame, num_heads, head_dim)
         self.k_NBSHD = torch.zeros(shape, dtype=dtype, device=device)
         self.v_NBSHD = torch.zeros(shape, dtype=dtype, device=device)
+        # camera-anchored RoPE (models with ``action_shifts``): each slot's cumulative camera
+        # offset in tokens, and the offset of the last written frame, from which the next chunk
+        # continues. Kept on the device: they come from action tensors, and reading them back
+        # would synchronise every chunk.
+        self.camera_BS2 = torch.zeros(batch_size, num_slots, 2, dtype=torch.long, device=device)
+        self.camera_last_B2 = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
         self.frames_written = 0
         self._pending: int | None = None
 
@@ -132,6 +140,13 @@ class KVCache:
             self.k_NBSHD[layer, :, slot * T : (slot + 1) * T] = k_BLHD[:, i * T : (i + 1) * T]
             self.v_NBSHD[layer, :, slot * T : (slot + 1) * T] = v_BLHD[:, i * T : (i + 1) * T]
 
+    def write_camera(self, camera_BF2: torch.Tensor) -> None:
+        """Store the camera offsets of the chunk being written (before ``commit``)."""
+        assert self._pending == camera_BF2.shape[1], "write the chunk's keys before its camera offsets"
+        for i in range(camera_BF2.shape[1]):
+            self.camera_BS2[:, self.slot_of(self.frames_written + i)] = camera_BF2[:, i]
+        self.camera_last_B2.copy_(camera_BF2[:, -1])
+
     def commit(self) -> None:
         """Advance past the chunk every layer has just written."""
         assert self._pending is not None, "commit without write"
@@ -142,11 +157,13 @@ class KVCache:
         """Forget the stream; storage is kept (and stale values are never read)."""
         self.frames_written = 0
         self._pending = None
+        self.camera_last_B2.zero_()
 
     def snapshot(self) -> KVCacheSnapshot:
         n = self.num_filled * self.tokens_per_frame
         return KVCacheSnapshot(
-            self.k_NBSHD[:, :, :n].clone(), self.v_NBSHD[:, :, :n].clone(), self.frames_written
+            self.k_NBSHD[:, :, :n].clone(), self.v_NBSHD[:, :, :n].clone(), self.frames_written,
+            self.camera_BS2[:, : self.num_filled].clone(), self.camera_last_B2.clone(),
         )
 
     def restore(self, snap: KVCacheSnapshot) -> None:
@@ -156,6 +173,8 @@ class KVCache:
         self.k_NBSHD[:, :, :n] = snap.k
         self.v_NBSHD[:, :, :n] = snap.v
         self.frames_written = snap.frames_written
+        self.camera_BS2[:, : snap.camera.shape[1]] = snap.camera
+        self.camera_last_B2.copy_(snap.camera_last)
         self._pending = None
 
     @property

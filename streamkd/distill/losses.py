@@ -39,16 +39,18 @@ def weighted_mse(a: torch.Tensor, b: torch.Tensor, weight_BF: torch.Tensor) -> t
 
 def ode_regression_loss(
     student: WorldModel, layout: CausalLayout, x_levels: torch.Tensor, sigmas: list[float], context: torch.Tensor,
-    actions: torch.Tensor, gen: torch.Generator,
+    actions: torch.Tensor, gen: torch.Generator, global_batch: tuple[int, slice] | None = None,
 ) -> torch.Tensor:
     """Self-Forcing / CausVid ODE init: each chunk gets its own random level ``k``; the student,
     block-causal, maps the teacher's trajectory point ``x_levels[:, k]`` to its end ``x_levels[:, -1]``.
 
-    ``x_levels``: ``(B, K+1, C, F, h, w)``; frame 0 is the given first frame.
+    ``x_levels``: ``(B, K+1, C, F, h, w)``; frame 0 is the given first frame. ``global_batch``:
+    (size, rows) when ``x_levels`` is a data-parallel slice; the levels are drawn for the whole batch.
     """
     B, K1, _, num_f = x_levels.shape[:4]
     num_chunks = -(-num_f // layout.chunk_frames)
-    level_BC = torch.randint(0, K1 - 1, (B, num_chunks), generator=gen)
+    size, rows = global_batch or (B, slice(None))
+    level_BC = torch.randint(0, K1 - 1, (size, num_chunks), generator=gen)[rows]
     level_BF = level_BC.repeat_interleave(layout.chunk_frames, 1)[:, :num_f]
     x_in = torch.stack([x_levels[b, level_BF[b], :, torch.arange(num_f)] for b in range(B)])  # (B, F, C, h, w)
     x_in = x_in.permute(0, 2, 1, 3, 4)

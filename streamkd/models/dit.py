@@ -60,6 +60,11 @@ class DiTConfig:
     """Sinusoidal timestep embedding width."""
     num_actions: int = 0
     """Discrete actions for world-model conditioning; 0 disables it (plain Wan)."""
+    action_shifts: tuple[tuple[int, int], ...] | None = None
+    """Camera-anchored RoPE: per action id, the camera's (rows, cols) translation in tokens that the
+    action causes between two frames. When set, each frame's spatial RoPE positions are offset by
+    the cumulative translation, so a static point keeps its position across frames (see
+    ``streamkd.models.rope``). None: actions act only through the learned embedding."""
     cross_attn_norm: bool = True
     """LayerNorm (with affine) before cross-attention, as in Wan2.1."""
     eps: float = 1e-6
@@ -77,6 +82,13 @@ class DiTConfig:
             raise ValueError(f"head_dim must be even and >= 6 for 3D RoPE, got {self.head_dim}")
         if self.num_actions < 0:
             raise ValueError(f"num_actions must be >= 0 (0 disables actions), got {self.num_actions}")
+        if self.action_shifts is not None:
+            self.action_shifts = tuple(tuple(int(v) for v in row) for row in self.action_shifts)
+            if len(self.action_shifts) != self.num_actions or any(len(row) != 2 for row in self.action_shifts):
+                raise ValueError(
+                    f"action_shifts needs one (rows, cols) pair per action ({self.num_actions}), got "
+                    f"{self.action_shifts}; set it to null to disable camera-anchored RoPE"
+                )
 
     @property
     def dim(self) -> int:
@@ -240,6 +252,12 @@ class DiT(nn.Module):
             # adding actions to a pretrained model a no-op at step 0
             self.action_embed = nn.Embedding(cfg.num_actions + 1, E)
             nn.init.zeros_(self.action_embed.weight)
+        if cfg.action_shifts is not None:
+            # the null action (dropped for CFG) does not move the camera: positions are not anchored
+            shifts = torch.tensor([*cfg.action_shifts, (0, 0)], dtype=torch.long)
+            self.register_buffer("action_shifts", shifts, persistent=False)
+        else:
+            self.action_shifts = None
         # 3. blocks
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
         # 4. output head
@@ -269,25 +287,26 @@ class DiT(nn.Module):
 
     def _plan(
         self, num_frames: int, gh: int, gw: int, layout: CausalLayout | None, cache: KVCache | None, write_cache: bool,
-        device: torch.device,
+        device: torch.device, camera_BF2: torch.Tensor | None,
     ) -> _SelfAttnPlan:
+        """``camera_BF2``: camera-anchored offsets of this forward's frames (None: plain RoPE)."""
         T = gh * gw
+        rope = self.rope.table
         if cache is not None:
             q_pos = torch.arange(cache.query_position, cache.query_position + num_frames, device=device)
-            cos, sin = self.rope.table(q_pos, gh, gw)
+            cos, sin = rope(q_pos, gh, gw, camera_BF2)
             plan = _SelfAttnPlan("cached", cos, sin, cache=cache, write_cache=write_cache)
             if cache.num_filled:
                 c_pos = torch.tensor(cache.slot_positions(), device=device)
-                plan.cache_cos, plan.cache_sin = self.rope.table(c_pos, gh, gw)
+                c_cam = cache.camera_BS2[:, : cache.num_filled] if camera_BF2 is not None else None
+                plan.cache_cos, plan.cache_sin = rope(c_pos, gh, gw, c_cam)
             else:
-                plan.cache_cos = plan.cache_sin = cos[:0]
+                plan.cache_cos, plan.cache_sin = cos[..., :0, :], sin[..., :0, :]
             return plan
-        if layout is None:
-            cos, sin = self.rope.table(torch.arange(num_frames, device=device), gh, gw)
-            return _SelfAttnPlan("full", cos, sin)
-        if not layout.evicts_within(num_frames):
-            cos, sin = self.rope.table(torch.arange(num_frames, device=device), gh, gw)
-            return _SelfAttnPlan("full", cos, sin, mask=block_causal_mask(num_frames, T, layout, device))
+        if layout is None or not layout.evicts_within(num_frames):
+            cos, sin = rope(torch.arange(num_frames, device=device), gh, gw, camera_BF2)
+            mask = None if layout is None else block_causal_mask(num_frames, T, layout, device)
+            return _SelfAttnPlan("full", cos, sin, mask=mask)
         chunks = []
         for q0 in range(0, num_frames, layout.chunk_frames):
             q1 = min(q0 + layout.chunk_frames, num_frames)
@@ -295,10 +314,30 @@ class DiT(nn.Module):
             frames += list(range(q0, q1))
             positions += list(range(q_first, q_first + q1 - q0))
             k_index = (torch.tensor(frames, device=device)[:, None] * T + torch.arange(T, device=device)).flatten()
-            q_cos, q_sin = self.rope.table(torch.arange(q_first, q_first + q1 - q0, device=device), gh, gw)
-            k_cos, k_sin = self.rope.table(torch.tensor(positions, device=device), gh, gw)
+            q_cam = k_cam = None
+            if camera_BF2 is not None:
+                q_cam, k_cam = camera_BF2[:, q0:q1], camera_BF2[:, frames]
+            q_cos, q_sin = rope(torch.arange(q_first, q_first + q1 - q0, device=device), gh, gw, q_cam)
+            k_cos, k_sin = rope(torch.tensor(positions, device=device), gh, gw, k_cam)
             chunks.append((slice(q0 * T, q1 * T), k_index, q_cos, q_sin, k_cos, k_sin))
         return _SelfAttnPlan("chunked", chunks=chunks)
+
+    def camera_offsets(
+        self, actions_BF: torch.Tensor | None, batch: int, num_frames: int, cache: KVCache | None, device: torch.device
+    ) -> torch.Tensor | None:
+        """Cumulative camera translation (rows, cols) in tokens of each frame, or None when the
+        model has no camera-anchored RoPE. Continues from the last frame written into ``cache``.
+        Only differences between frames matter, so the start of the stream is the origin."""
+        if self.action_shifts is None:
+            return None
+        if actions_BF is None:
+            step_BF2 = torch.zeros(batch, num_frames, 2, dtype=torch.long, device=device)
+        else:
+            step_BF2 = self.action_shifts[actions_BF]
+        camera_BF2 = step_BF2.cumsum(1)
+        if cache is not None:
+            camera_BF2 = camera_BF2 + cache.camera_last_B2[:, None]
+        return camera_BF2
 
     def forward(
         self,
@@ -343,11 +382,14 @@ class DiT(nn.Module):
             temb_BFE = temb_BFE + self.action_embed(actions_BF)
         tproj_BF6E = self.time_proj(temb_BFE).unflatten(-1, (6, -1))
         ctx_BLcE = self.text_proj(context_BLcD)
-        plan = self._plan(gf, gh, gw, layout, cache, write_cache, x_BLE.device)
+        camera_BF2 = self.camera_offsets(actions_BF, B, gf, cache, x_BLE.device)
+        plan = self._plan(gf, gh, gw, layout, cache, write_cache, x_BLE.device, camera_BF2)
         # 3. blocks
         for i, block in enumerate(self.blocks):
             x_BLE = block(x_BLE, ctx_BLcE, tproj_BF6E, plan, i)
         if write_cache:
+            if camera_BF2 is not None:
+                cache.write_camera(camera_BF2)
             cache.commit()
         # 4. output head and unpatchify
         shift, scale = (self.head_modulation + temb_BFE[:, :, None].float()).unbind(2)

@@ -7,6 +7,14 @@ precision diffusers' ``WanRotaryPosEmbed`` uses, so converted Wan weights see id
 
 Positions are passed in explicitly: the temporal position of a frame is decided by the attention
 layout / KV cache (re-based, bounded), not by its index in the tensor.
+
+Camera-anchored spatial positions (optional): a frame may carry a per-stream offset (rows, cols),
+in tokens, added to its spatial RoPE positions. With the offset equal to the camera's translation
+since the start of the stream, a point of a static world keeps one spatial position in every
+frame, so "the same place in an earlier frame" is the zero relative offset that RoPE attention
+finds easiest (compare PRoPE, Li et al. 2025, which puts relative camera poses into attention).
+Offsets are unbounded integers: their angles are computed in float64 on the fly, exact to ~1e-10
+rad for any offset a stream can reach, and only differences between frames ever matter.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ class Rope3D(nn.Module):
             tables.append(torch.outer(pos, inv_freq))  # (max_len, dim/2) angles
         angles = torch.cat(tables, dim=1)  # (max_len, D/2): [temporal | rows | columns]
         self.half_dims = tuple(d // 2 for d in self.dims)
+        self.inv_freq_h = 1.0 / theta ** (torch.arange(0, self.dims[1], 2, dtype=torch.float64) / self.dims[1])
+        self.inv_freq_w = 1.0 / theta ** (torch.arange(0, self.dims[2], 2, dtype=torch.float64) / self.dims[2])
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
@@ -39,13 +49,21 @@ class Rope3D(nn.Module):
         self.cos, self.sin = self.cos.float(), self.sin.float()
         return self
 
-    def table(self, frame_pos: torch.Tensor, grid_h: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def table(
+        self, frame_pos: torch.Tensor, grid_h: int, grid_w: int, camera_BF2: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of shape ``(len(frame_pos) * grid_h * grid_w, D/2)`` for tokens ordered
-        (frame, row, column) -- the order patch embedding flattens them in."""
+        (frame, row, column) -- the order patch embedding flattens them in.
+
+        With ``camera_BF2`` (integer (rows, cols) offset of each frame of each stream) the tables
+        are per stream, ``(B, F * grid_h * grid_w, D/2)``, spatial positions shifted by the offsets.
+        """
         if int(frame_pos.max()) >= self.max_len or max(grid_h, grid_w) > self.max_len:
             raise ValueError(f"RoPE position beyond max_len={self.max_len}; raise rope_max_seq_len")
         ft, fh, fw = self.half_dims
         num_f = frame_pos.shape[0]
+        if camera_BF2 is not None:
+            return self._camera_table(frame_pos, grid_h, grid_w, camera_BF2)
         out = []
         for full in (self.cos, self.sin):
             t_part, h_part, w_part = full.split([ft, fh, fw], dim=1)
@@ -55,10 +73,31 @@ class Rope3D(nn.Module):
             out.append(torch.cat([t_FHWd, h_FHWd, w_FHWd], dim=-1).reshape(num_f * grid_h * grid_w, -1))
         return out[0], out[1]
 
+    def _camera_table(
+        self, frame_pos: torch.Tensor, grid_h: int, grid_w: int, camera_BF2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ft, fh, fw = self.half_dims
+        B, num_f = camera_BF2.shape[:2]
+        assert num_f == frame_pos.shape[0], "one camera offset per frame"
+        dev = camera_BF2.device
+        cam = camera_BF2.to(torch.float64)
+        rows_BFh = cam[..., 0:1] + torch.arange(grid_h, dtype=torch.float64, device=dev)  # (B, F, gh)
+        cols_BFw = cam[..., 1:2] + torch.arange(grid_w, dtype=torch.float64, device=dev)  # (B, F, gw)
+        ang_h = rows_BFh[..., None] * self.inv_freq_h.to(dev)  # (B, F, gh, fh)
+        ang_w = cols_BFw[..., None] * self.inv_freq_w.to(dev)  # (B, F, gw, fw)
+        out = []
+        for fn, full in ((torch.cos, self.cos), (torch.sin, self.sin)):
+            t_BFHWd = full[frame_pos, :ft].view(1, num_f, 1, 1, ft).expand(B, num_f, grid_h, grid_w, ft)
+            h_BFHWd = fn(ang_h).float()[:, :, :, None].expand(B, num_f, grid_h, grid_w, fh)
+            w_BFHWd = fn(ang_w).float()[:, :, None].expand(B, num_f, grid_h, grid_w, fw)
+            out.append(torch.cat([t_BFHWd, h_BFHWd, w_BFHWd], dim=-1).reshape(B, num_f * grid_h * grid_w, -1))
+        return out[0], out[1]
+
 
 def apply_rope(x_BLHD: torch.Tensor, cos_Ld: torch.Tensor, sin_Ld: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs of ``x`` by the per-token angles (``d = D/2``)."""
+    """Rotate channel pairs of ``x`` by the per-token angles (``d = D/2``); the tables are shared
+    ``(L, d)`` or per stream ``(B, L, d)``."""
     x1, x2 = x_BLHD.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos_Ld[None, :, None, :], sin_Ld[None, :, None, :]
+    cos, sin = cos_Ld.unsqueeze(-2), sin_Ld.unsqueeze(-2)
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
     return out.type_as(x_BLHD)

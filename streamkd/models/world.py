@@ -16,7 +16,7 @@ from torch import nn
 
 from streamkd.checkpoint import CheckpointError, atomic_save_safetensors, load_safetensors
 from streamkd.config import from_dict, to_dict
-from streamkd.data.toyworld import ACTIONS, STYLE_VOCAB, ToyWorldConfig
+from streamkd.data.toyworld import ACTION_DELTAS, ACTIONS, STYLE_VOCAB, ToyWorldConfig
 from streamkd.models.codec import CodecConfig, PatchPCACodec
 from streamkd.models.conditioning import WordPromptEncoder
 from streamkd.models.dit import DiT, DiTConfig
@@ -97,6 +97,19 @@ class WorldModelConfig:
                 f"world.frame_size {self.world.frame_size} must divide into codec.patch {self.codec.patch} "
                 f"x dit.patch_size {self.dit.patch_size}"
             )
+        if self.dit.action_shifts is not None and self.dit.action_shifts != self.toy_action_shifts():
+            raise ValueError(
+                f"dit.action_shifts {self.dit.action_shifts} do not match the toy world's camera: each action "
+                f"moves the view by world.speed_px={self.world.speed_px} px = {self.toy_action_shifts()} tokens; "
+                "use those, or null"
+            )
+
+    def toy_action_shifts(self) -> tuple[tuple[int, int], ...] | None:
+        """The camera translation per action in DiT tokens, or None if a move is not whole tokens."""
+        token_px = self.codec.patch * self.dit.patch_size[1]
+        if self.world.speed_px % token_px or self.codec.patch * self.dit.patch_size[2] != token_px:
+            return None
+        return tuple((int(dy), int(dx)) for dy, dx in ACTION_DELTAS * (self.world.speed_px // token_px))
 
     @property
     def latent_size(self) -> int:

@@ -52,7 +52,11 @@ class StreamGenerator:
         guidance_scale: float = 1.0,
         batch_size: int = 1,
         on_step: StepHook | None = None,
+        global_batch: tuple[int, slice] | None = None,
     ) -> None:
+        """``global_batch``: (size, this generator's rows) when these streams are one data-parallel
+        rank's slice of a larger batch: noise is drawn for the whole batch and sliced, so every rank
+        consumes the shared generator exactly as a single process rolling out all rows would."""
         causal = causal or model.cfg.causal
         if causal is None:
             raise ValueError("StreamGenerator needs a causal config (chunk/sink/window); pass causal=CausalConfig(...)")
@@ -62,6 +66,7 @@ class StreamGenerator:
         self.guidance_scale = guidance_scale
         self.batch_size = batch_size
         self.on_step = on_step
+        self.global_batch = global_batch or (batch_size, slice(None))
         self.rows = batch_size * (2 if guidance_scale != 1.0 else 1)
         param = model.dit.proj_out.weight
         self.device, self.dtype = param.device, param.dtype
@@ -104,7 +109,8 @@ class StreamGenerator:
 
     # ----------------------------------------------------------------------------------- one chunk
     def _noise(self) -> torch.Tensor:
-        z = torch.randn((self.batch_size, *self.latent_shape), generator=self.generator, dtype=torch.float32)
+        size, rows = self.global_batch
+        z = torch.randn((size, *self.latent_shape), generator=self.generator, dtype=torch.float32)[rows]
         return z.to(self.device, self.dtype)
 
     def _rows(self, x_BCFhw: torch.Tensor) -> torch.Tensor:

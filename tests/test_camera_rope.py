@@ -1,0 +1,99 @@
+"""Camera-anchored RoPE: a frame's spatial positions move with the camera, so a static world point
+keeps one position in every frame (``streamkd.models.rope``, ``DiTConfig.action_shifts``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streamkd.data.toyworld import ToyWorldConfig
+from streamkd.models.codec import CodecConfig
+from streamkd.models.dit import DiT, DiTConfig
+from streamkd.models.rope import Rope3D, apply_rope
+from streamkd.models.world import WorldModelConfig
+
+SHIFTS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))  # none up down left right, one token per frame
+
+
+def test_offset_table_is_the_plain_table_at_shifted_positions() -> None:
+    rope = Rope3D(head_dim=24, max_len=64)
+    frames = torch.tensor([0, 1, 2])
+    camera = torch.tensor([[[0, 0], [0, 1], [-2, 3]]])  # (B=1, F=3, 2)
+    cos, sin = rope.table(frames, 4, 5, camera)
+    big_cos, big_sin = rope.table(frames, 12, 12)  # plain, positions 0..11 on each axis
+    cos_FHWd, big_FHWd = cos.view(3, 4, 5, -1), big_cos.view(3, 12, 12, -1)
+    sin_FHWd, big_sin_FHWd = sin.view(3, 4, 5, -1), big_sin.view(3, 12, 12, -1)
+    base = 4  # compare inside the plain grid: camera (dy, dx) -> rows base+dy.., cols base+dx..
+    camera_shifted = rope.table(frames, 4, 5, camera + base)
+    for f, (dy, dx) in enumerate(camera[0].tolist()):
+        rows, cols = slice(base + dy, base + dy + 4), slice(base + dx, base + dx + 5)
+        torch.testing.assert_close(camera_shifted[0].view(3, 4, 5, -1)[f], big_FHWd[f, rows, cols], atol=1e-6, rtol=0)
+        torch.testing.assert_close(camera_shifted[1].view(3, 4, 5, -1)[f], big_sin_FHWd[f, rows, cols], atol=1e-6, rtol=0)
+    # zero offset reproduces the plain table (which is what Wan parity runs on)
+    plain_cos, _ = rope.table(frames, 4, 5)
+    torch.testing.assert_close(cos_FHWd[0], plain_cos.view(3, 4, 5, -1)[0], atol=1e-7, rtol=0)
+    assert sin_FHWd.shape == cos_FHWd.shape
+
+
+def test_static_point_scores_like_the_same_position() -> None:
+    """q of frame 1 at grid column c, k of frame 0 at grid column c+1, camera moved right by one
+    token: the score equals that of an unmoved camera at the same grid column."""
+    rope = Rope3D(head_dim=12, max_len=16)
+    gen = torch.Generator().manual_seed(0)
+    q0, k0 = torch.randn(1, 1, 1, 12, generator=gen), torch.randn(1, 1, 1, 12, generator=gen)
+    moved = rope.table(torch.tensor([0, 0]), 3, 3, torch.tensor([[[0, 0], [0, 1]]]))
+    still = rope.table(torch.tensor([0, 0]), 3, 3, torch.tensor([[[0, 0], [0, 0]]]))
+
+    def score(tables, q_tok, k_tok):
+        cos, sin = tables
+        q = apply_rope(q0, cos[:, q_tok : q_tok + 1], sin[:, q_tok : q_tok + 1])
+        k = apply_rope(k0, cos[:, k_tok : k_tok + 1], sin[:, k_tok : k_tok + 1])
+        return (q * k).sum()
+
+    frame1, row, col = 9, 1, 1  # token index = frame * 9 + row * 3 + col
+    torch.testing.assert_close(score(moved, frame1 + row * 3 + col, row * 3 + col + 1),
+                               score(still, frame1 + row * 3 + col, row * 3 + col), atol=1e-5, rtol=0)
+
+
+def test_null_and_missing_actions_do_not_move_the_camera() -> None:
+    dit = DiT(DiTConfig(in_channels=4, out_channels=4, num_layers=1, num_heads=2, head_dim=12, ffn_dim=16,
+                        text_dim=8, num_actions=5, action_shifts=SHIFTS))
+    null = torch.full((2, 4), dit.null_action)
+    assert dit.camera_offsets(null, 2, 4, None, torch.device("cpu")).abs().sum() == 0
+    assert dit.camera_offsets(None, 2, 4, None, torch.device("cpu")).abs().sum() == 0
+    right_then_up = torch.tensor([[0, 4, 4, 1]])
+    assert dit.camera_offsets(right_then_up, 1, 4, None, torch.device("cpu"))[0].tolist() == [[0, 0], [0, 1], [0, 2], [-1, 2]]
+
+
+def test_cache_carries_the_camera_across_chunks_and_snapshots() -> None:
+    dit = DiT(DiTConfig(in_channels=4, out_channels=4, num_layers=1, num_heads=2, head_dim=12, ffn_dim=16,
+                        text_dim=8, num_actions=5, action_shifts=SHIFTS)).eval()
+    cache = dit.new_cache(batch_size=1, height=4, width=4, sink_frames=1, window_frames=2, chunk_frames=2)
+    x, ctx = torch.randn(1, 4, 2, 4, 4), torch.randn(1, 2, 8)
+    with torch.no_grad():
+        dit(x, torch.zeros(1, 2), ctx, torch.tensor([[0, 4]]), cache=cache, write_cache=True)
+        snap = cache.snapshot()
+        dit(x, torch.zeros(1, 2), ctx, torch.tensor([[2, 2]]), cache=cache, write_cache=True)
+    assert cache.camera_last_B2.tolist() == [[2, 1]]
+    # slot 0: the sink (frame 0); the ring holds frame 3 in slot 1 and frame 2 in slot 2 (frame 1 evicted)
+    assert cache.camera_BS2[0].tolist() == [[0, 0], [2, 1], [1, 1]]
+    cache.restore(snap)
+    assert cache.camera_last_B2.tolist() == [[0, 1]] and cache.camera_BS2[0, :2].tolist() == [[0, 0], [0, 1]]
+
+
+@pytest.mark.parametrize(
+    "shifts, match",
+    [(((0, 0), (1, 0)), "one \\(rows, cols\\) pair per action"), (((0, 0, 1),) * 5, "one \\(rows, cols\\) pair")],
+)
+def test_bad_action_shifts_are_refused(shifts, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        DiTConfig(num_actions=5, action_shifts=shifts)
+
+
+def test_action_shifts_must_match_the_toy_camera() -> None:
+    dit = dict(in_channels=24, out_channels=24, num_actions=5)
+    cfg = WorldModelConfig(dit=DiTConfig(**dit, action_shifts=SHIFTS), codec=CodecConfig(patch=4, latent_channels=24))
+    assert cfg.toy_action_shifts() == SHIFTS
+    with pytest.raises(ValueError, match="do not match the toy world's camera.*speed_px=16"):
+        WorldModelConfig(dit=DiTConfig(**dit, action_shifts=SHIFTS), codec=CodecConfig(patch=4, latent_channels=24),
+                         world=ToyWorldConfig(speed_px=16))
