@@ -1,4 +1,5 @@
-"""Benchmarks (scripts, not timed tests): streaming cost against length, teacher training speed.
+"""Benchmarks (scripts, not timed tests): streaming cost against length, teacher training speed,
+memory of a self-forcing step against rollout length.
 
 ``bench_stream`` streams one session chunk by chunk and reports, at each milestone (frames
 generated so far), the median wall time per chunk over the last ``window`` chunks before it and the
@@ -101,5 +102,52 @@ def bench_train(cfg, steps: int = 10) -> dict:
         "steps": steps,
         "counts": "samples_per_s: clips (of horizon_frames frames) per second of whole optimizer steps, first step "
         "included; data_share: time rendering+collating batches / time of the steps",
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _one_dmd_step(cfg) -> dict:
+    """In a fresh process: build the trainer, then run one student (+ critic) step."""
+    from streamkd.train.distill import DistillTrainer
+
+    trainer = DistillTrainer(cfg)
+    trainer.data[0]  # warm the renderer
+    base = _current_rss_mb()
+    t0 = time.perf_counter()
+    trainer.train(stop_after=1, progress=False)
+    return {"step_s": time.perf_counter() - t0, "rss_before_step_mb": base, "peak_rss_mb": _peak_rss_mb()}
+
+
+def bench_distill_memory(cfg, multiples: list[int] = (1, 2, 4)) -> dict:
+    """Peak memory of one self-forcing DMD step (student update + critic update) for rollouts of
+    ``m`` x the teacher's horizon, each in a fresh process so that peaks do not mix."""
+    import multiprocessing as mp
+    from dataclasses import replace
+
+    from streamkd.models.world import WorldModel
+
+    horizon = WorldModel.load(cfg.teacher).cfg.horizon_frames
+    rows = {}
+    ctx = mp.get_context("spawn")
+    for m in multiples:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = replace(cfg, method="dmd", out_dir=tmp, rollout_frames=m * horizon, max_steps=1, ckpt_every=10**9,
+                          tensorboard=False)
+            with ctx.Pool(1) as pool:
+                r = pool.apply(_one_dmd_step, (run,))
+        r["step_mb"] = r["peak_rss_mb"] - r["rss_before_step_mb"]
+        rows[f"{m}x"] = r
+    first = rows[f"{min(multiples)}x"]["step_mb"]
+    return {
+        "rollout_frames": {f"{m}x": m * horizon for m in multiples},
+        "steps": rows,
+        "step_mb_ratio_vs_1x": {k: v["step_mb"] / first for k, v in rows.items()},
+        "counts": "step_mb: peak RSS during one student+critic DMD step minus RSS before it (activations, "
+        "gradients, optimizer state first touched, rollout caches); each rollout length in a fresh process",
         "threads": torch.get_num_threads(),
     }

@@ -18,6 +18,8 @@ examples:
       --seed 3 --actions right:16,up:8,none:4 --frames 12 --out out.mp4
   streamkd eval --checkpoint toy-teacher --episodes 16 --seed 0 --frames 12 --json eval.json
   streamkd bench stream --checkpoint toy-teacher --causal --json bench.json
+  streamkd serve --checkpoint toy-student            # then open http://127.0.0.1:8765/
+  streamkd client --actions right:8,down:8 --frames 48 --out live.mp4
 """
 
 
@@ -166,6 +168,13 @@ def cmd_bench(args) -> None:
         model = WorldModel.load(args.checkpoint)
         sampling, causal = _sampling(args, model)
         result = bench.bench_stream(model, sampling, causal, milestones=args.milestones)
+    elif args.what == "distill":
+        from streamkd.config import load_config
+        from streamkd.train.distill import DistillConfig
+
+        if not args.config:
+            raise ValueError("bench distill needs --config (e.g. configs/toyworld/distill_dmd.yaml)")
+        result = bench.bench_distill_memory(load_config(DistillConfig, args.config, args.overrides), args.multiples)
     else:
         from streamkd.config import load_config
         from streamkd.train.teacher import TeacherTrainConfig
@@ -179,10 +188,46 @@ def cmd_bench(args) -> None:
     print(text)
 
 
+def cmd_serve(args) -> None:
+    import os
+
+    from streamkd.serve.engine import EngineConfig
+    from streamkd.serve.server import ServerConfig, run
+
+    engine = EngineConfig(max_sessions=args.max_sessions, max_batch=args.max_batch)
+    cfg = ServerConfig(host=args.host, port=args.port, token=args.token or os.environ.get("STREAMKD_TOKEN"),
+                       origins=tuple(args.origins), idle_timeout_s=args.idle_timeout, engine=engine)
+    run(cfg, args.checkpoint, oracle=args.world_oracle)
+
+
+def cmd_client(args) -> None:
+    import asyncio
+    import os
+
+    from streamkd.data.actions import parse_action_spec
+    from streamkd.data.toyworld import parse_prompt
+    from streamkd.media.video import check_output_path
+    from streamkd.serve.client import ServerError, record
+
+    check_output_path(args.out)
+    if args.frames < 1:
+        raise ValueError(f"--frames must be >= 1, got {args.frames}")
+    actions = parse_action_spec(args.actions, args.frames)
+    prompt = parse_prompt(args.prompt).prompt
+    try:
+        summary = asyncio.run(record(args.url, prompt=prompt, seed=args.seed, actions=actions, num_frames=args.frames,
+                                     out=args.out, token=args.token or os.environ.get("STREAMKD_TOKEN"),
+                                     codec=args.codec, fps=args.fps))
+    except ServerError as e:
+        raise ValueError(f"server: {e}") from None
+    print(json.dumps(summary))
+    print(f"wrote {summary['frames']} frames to {args.out}")
+
+
 def cmd_quickstart(args) -> None:
     from streamkd.quickstart import run
 
-    print(run(args.checkpoint, args.out_dir, args.episodes, args.long_frames))
+    print(run(args.out_dir, args.episodes, args.long_frames, teacher=args.teacher))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,12 +278,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("quickstart", help="the main job on the toy world: eval table + teacher clip + long causal stream")
-    p.add_argument("--checkpoint", default="toy-teacher", help="checkpoint folder or a shipped name (toy-teacher)")
+    p = sub.add_parser(
+        "quickstart", help="the main job on the toy world: distil the teacher (quickstart preset), eval table, long stream"
+    )
+    p.add_argument("--teacher", default="toy-teacher", help="teacher checkpoint folder or a shipped name")
     p.add_argument("--out-dir", default="outputs/quickstart", help="where the mp4 files go")
-    p.add_argument("--episodes", type=int, default=16, help="held-out episodes for the eval table")
+    p.add_argument("--episodes", type=int, default=8, help="held-out episodes for the eval table")
     p.add_argument("--long-frames", type=int, default=480, help="frames of the long causal stream")
     p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("serve", help="real-time websocket server: browser client at /, protocol at /ws, /healthz")
+    p.add_argument("--checkpoint", default="toy-student", help="causal checkpoint folder or shipped name (toy-student)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind; anything but loopback needs --token")
+    p.add_argument("--port", type=int, default=8765, help="TCP port for HTTP and the websocket")
+    p.add_argument("--token", help="shared secret clients send in hello (default: $STREAMKD_TOKEN)")
+    p.add_argument("--origins", nargs="+", default=[], metavar="ORIGIN",
+                   help="extra browser origins allowed to connect, e.g. http://myhost:8000 (the server's own always is)")
+    p.add_argument("--max-sessions", type=int, default=8, help="concurrent sessions (more get close code 1013)")
+    p.add_argument("--max-batch", type=int, default=8, help="most sessions batched into one forward")
+    p.add_argument("--idle-timeout", type=float, default=120.0, help="seconds without a client message before closing")
+    p.add_argument("--world-oracle", action="store_true",
+                   help="serve the toy world's exact renderer instead of a model (client development; no checkpoint)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("client", help="stream from a running server into an mp4, sending actions live")
+    p.add_argument("--url", default="ws://127.0.0.1:8765/ws", help="websocket URL of streamkd serve")
+    p.add_argument("--token", help="server token (default: $STREAMKD_TOKEN)")
+    p.add_argument("--prompt", default="forest with red squares", help="style prompt")
+    p.add_argument("--seed", type=int, default=0, help="toy-world episode (first frame) and sampling seed")
+    p.add_argument("--actions", default="none", help="action spec 'right:16,up:8' (repeats to fill) or a file")
+    p.add_argument("--frames", type=int, default=48, help="frames to record")
+    p.add_argument("--out", required=True, help="output .mp4")
+    p.add_argument("--codec", choices=["jpeg", "h264"], default="jpeg", help="codec on the wire")
+    p.add_argument("--fps", type=float, default=16.0, help="stream pace and mp4 frame rate")
+    p.set_defaults(func=cmd_client)
 
     p = sub.add_parser("eval", help="measure checkpoints against toy-world ground truth (held-out seeds)")
     p.add_argument("--checkpoint", required=True, action="append", help="checkpoint (repeat to compare several)")
@@ -252,11 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="benchmarks: stream (latency/memory vs length) or train (samples/s)")
-    p.add_argument("what", choices=["stream", "train"])
+    p = sub.add_parser(
+        "bench", help="benchmarks: stream (latency/memory vs length), train (samples/s), distill (step memory vs rollout)"
+    )
+    p.add_argument("what", choices=["stream", "train", "distill"])
     p.add_argument("--checkpoint", help="bench stream: checkpoint folder")
     p.add_argument("--milestones", type=int, nargs="+", default=[100, 1000, 10000], help="bench stream: frame counts")
-    p.add_argument("--config", help="bench train: YAML config")
+    p.add_argument("--config", help="bench train / distill: YAML config")
+    p.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4],
+                   help="bench distill: rollout lengths in teacher horizons")
     p.add_argument("--train-steps", type=int, default=10, help="bench train: optimizer steps to time")
     p.add_argument("--json", help="write the result here as well")
     _add_sampling_args(p)

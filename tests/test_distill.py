@@ -17,6 +17,7 @@ from streamkd.models.dit import DiTConfig
 from streamkd.models.world import CausalConfig, WorldModel, WorldModelConfig
 from streamkd.sampling.bidirectional import sample_clip
 from streamkd.sampling.schedule import EulerSampler
+from streamkd.sampling.stream import StreamGenerator
 from streamkd.train.distill import DistillConfig, DistillTrainer
 
 
@@ -92,3 +93,31 @@ def test_dmd_resumes_exactly(teacher_dir: Path, tmp_path: Path) -> None:
 def test_mismatched_teacher_and_student(teacher_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="chunk_frames=3 must divide the teacher's horizon of 4"):
         DistillTrainer(_distill_cfg(teacher_dir, tmp_path, causal=CausalConfig(3, 3, 3)))
+
+
+def test_long_rollout_scores_the_last_horizon_window(teacher_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """rollout_frames = 2 x horizon: the clip is the rollout's length, the returned window is the
+    last horizon, and only window chunks carry a graph (early chunks ran without one)."""
+    trainer = DistillTrainer(_distill_cfg(teacher_dir, tmp_path, rollout_frames=8))
+    batch = collate_clips([trainer.data[i] for i in range(2)])
+    assert batch["actions"].shape == (2, 8)
+    graphs: list[bool] = []
+    stream_next = StreamGenerator.next_chunk
+
+    def spy(self, *args, **kwargs):
+        graphs.append(torch.is_grad_enabled())
+        return stream_next(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamGenerator, "next_chunk", spy)
+    x0 = trainer.rollout(batch, with_grad=True)
+    monkeypatch.undo()
+    assert x0.shape == (2, 8, 4, 8, 8) and x0.requires_grad
+    assert graphs == [False, False, True, True]
+    history = trainer.train(stop_after=1, progress=False)
+    assert "dmd_loss" in history[0]
+
+
+@pytest.mark.parametrize("frames, match", [(3, "multiple of causal.chunk_frames"), (2, "shorter than the teacher's horizon")])
+def test_bad_rollout_frames(teacher_dir: Path, tmp_path: Path, frames: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DistillTrainer(_distill_cfg(teacher_dir, tmp_path, rollout_frames=frames))

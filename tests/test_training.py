@@ -114,3 +114,13 @@ def test_init_warm_starts_from_an_inference_checkpoint(tmp_path: Path) -> None:
     other.model.dit.num_layers = 3
     with pytest.raises(ValueError, match="another model.dit/model.codec shape"):
         TeacherTrainer(other)
+
+
+def test_qk_norm_gains_train_at_their_own_rate(tmp_path: Path) -> None:
+    """qk_norm_lr_mult scales exactly the q/k RMSNorm gains' learning rate, warm-up and decay included."""
+    trainer = TeacherTrainer(tiny_config(tmp_path, qk_norm_lr_mult=10.0, max_steps=2))
+    groups = trainer.opt.param_groups
+    qk = {id(p) for n, p in trainer.model.named_parameters() if n.endswith(("norm_q.weight", "norm_k.weight"))}
+    assert {id(p) for p in groups[1]["params"]} == qk and len(qk) == 2 * 2 * 2  # 2 blocks x (self, cross) x (q, k)
+    trainer.train(progress=False)
+    assert groups[1]["lr"] == pytest.approx(10.0 * groups[0]["lr"]) and groups[0]["lr"] == pytest.approx(trainer._lr(1))

@@ -69,6 +69,11 @@ class DistillConfig:
     """Student chunking and KV cache."""
     sigmas: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
     """Student few-step noise levels (decreasing)."""
+    rollout_frames: int = 0
+    """dmd: frames the student rolls out per clip (0 = the teacher's horizon). Longer rollouts
+    (long-horizon tuning, as in Self-Forcing++ / LongLive) run the early chunks without a graph and
+    apply DMD to the last horizon-long window, whose first frame conditions the teacher as a given
+    frame: the student learns from the states its own long rollouts reach, at flat memory."""
     seed: int = 0
     """Seeds data order and every random draw."""
     max_steps: int = 400
@@ -108,6 +113,11 @@ class DistillConfig:
         FewStepSampler(self.sigmas)  # validates
         if self.critic_ratio < 1 or self.batch_size < 1 or self.max_steps < 1:
             raise ValueError("critic_ratio, batch_size and max_steps must be >= 1")
+        if self.rollout_frames < 0 or self.rollout_frames % self.causal.chunk_frames:
+            raise ValueError(
+                f"rollout_frames ({self.rollout_frames}) must be 0 (the teacher's horizon) or a positive "
+                f"multiple of causal.chunk_frames ({self.causal.chunk_frames})"
+            )
         if not 0 < self.dmd_s_min < self.dmd_s_max <= 1:
             raise ValueError(f"need 0 < dmd_s_min < dmd_s_max <= 1, got {self.dmd_s_min}, {self.dmd_s_max}")
 
@@ -121,6 +131,11 @@ def _check_fit(teacher: WorldModel, student: WorldModel, cfg: DistillConfig) -> 
         raise ValueError(
             f"causal.chunk_frames={cfg.causal.chunk_frames} must divide the teacher's horizon of "
             f"{teacher.cfg.horizon_frames} frames"
+        )
+    if 0 < cfg.rollout_frames < teacher.cfg.horizon_frames:
+        raise ValueError(
+            f"rollout_frames={cfg.rollout_frames} is shorter than the teacher's horizon "
+            f"({teacher.cfg.horizon_frames}): use 0 or at least the horizon"
         )
 
 
@@ -157,7 +172,8 @@ class DistillTrainer:
         self.opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
         if cfg.method == "dmd":
             self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0)
-            self.data = ToyClipDataset(self.teacher.cfg.world, self.teacher.cfg.horizon_frames, base_seed=cfg.seed + 100)
+            self.rollout_frames = cfg.rollout_frames or self.teacher.cfg.horizon_frames
+            self.data = ToyClipDataset(self.teacher.cfg.world, self.rollout_frames, base_seed=cfg.seed + 100)
         else:
             self.pairs = ODEPairStore(cfg.ode_pairs)
             if [round(s, 6) for s in self.pairs.keep_sigmas] != [round(s, 6) for s in cfg.sigmas]:
@@ -213,19 +229,24 @@ class DistillTrainer:
         return {"ode_loss": value}
 
     def rollout(self, batch: dict, with_grad: bool) -> torch.Tensor:
-        """Self-forcing rollout of the horizon; ``(B, C, F, h, w)`` clean latents (grad at exit steps).
+        """Self-forcing rollout of ``rollout_frames``; returns the clean latents of the last
+        horizon-long window, ``(B, C, H, h, w)``, with a graph at each window chunk's exit step.
 
-        ``batch`` is this rank's rows of the global batch (all of it in one process)."""
+        ``batch`` is this rank's rows of the global batch (all of it in one process). Chunks before
+        the window run without a graph: memory does not grow with the rollout length."""
         cfg = self.cfg
         stream = StreamGenerator(self.student, FewStepSampler(cfg.sigmas), causal=cfg.causal, batch_size=len(batch["prompt"]),
                                  global_batch=(cfg.batch_size, self.rows))
         stream.reset(batch["prompt"], batch["frames"][:, 0], self.gen)
         F = cfg.causal.chunk_frames
+        window_start = self.rollout_frames - self.teacher.cfg.horizon_frames
         chunks = []
-        with torch.set_grad_enabled(with_grad):
-            for c in range(self.teacher.cfg.horizon_frames // F):
-                exit_step = int(torch.randint(0, len(cfg.sigmas), (1,), generator=self.gen))
-                chunks.append(stream.next_chunk(batch["actions"][:, c * F : (c + 1) * F], exit_step=exit_step))
+        for c in range(self.rollout_frames // F):
+            exit_step = int(torch.randint(0, len(cfg.sigmas), (1,), generator=self.gen))
+            with torch.set_grad_enabled(with_grad and c * F >= window_start):
+                x0 = stream.next_chunk(batch["actions"][:, c * F : (c + 1) * F], exit_step=exit_step)
+            if c * F >= window_start:
+                chunks.append(x0)
         return torch.cat(chunks, 2)
 
     def _dmd_step(self) -> dict[str, float]:
@@ -236,8 +257,9 @@ class DistillTrainer:
         train_student = self.step % cfg.critic_ratio == 0
         x0 = self.rollout(batch, with_grad=train_student)
         num_f = x0.shape[2]
+        window_actions = batch["actions"][:, -num_f:]
         ctx = self.teacher.encode_prompts(batch["prompt"] + [""] * B)
-        acts = torch.cat([batch["actions"], torch.full_like(batch["actions"], self.teacher.dit.null_action)])
+        acts = torch.cat([window_actions, torch.full_like(window_actions, self.teacher.dit.null_action)])
         stats: dict[str, float] = {}
         if train_student:
             s_BF, noise = self._levels_and_noise(x0.shape, num_f)
@@ -247,7 +269,7 @@ class DistillTrainer:
             stats.update(extra)
         s_BF, noise = self._levels_and_noise(x0.shape, num_f)
         critic_ctx = self.critic.encode_prompts(batch["prompt"])
-        loss_c = critic_loss(self.critic, x0.detach(), critic_ctx, batch["actions"], s_BF, noise)
+        loss_c = critic_loss(self.critic, x0.detach(), critic_ctx, window_actions, s_BF, noise)
         stats["critic_loss"] = self._apply(loss_c, self.critic, self.critic_opt, "critic")
         return stats
 
@@ -277,6 +299,7 @@ class DistillTrainer:
             self.resume(ckpt)
         end = cfg.max_steps if stop_after is None else min(cfg.max_steps, self.step + stop_after)
         history = []
+        latest: dict[str, float] = {}
         with RunLog(self.out, total=end, initial=self.step, desc=f"distill ({cfg.method})", tensorboard=cfg.tensorboard,
                     progress=progress, main=self.dist.is_main) as log:
             while self.step < end:
@@ -286,11 +309,15 @@ class DistillTrainer:
                 stats["step_s"] = time.perf_counter() - t0
                 history.append(stats)
                 log.tick()
+                # the latest value of every term: with critic_ratio == log_every the student's
+                # steps would otherwise never be the logged ones
+                latest.update(stats)
                 if self.step % cfg.log_every == 0 or self.step == end:
-                    log.record(self.step, stats)
+                    log.record(self.step, latest)
+                    latest = {}
                 if self.step % cfg.ckpt_every == 0 or self.step == end:
                     self.save()
-        if self.step >= cfg.max_steps:
+        if self.step >= cfg.max_steps and (history or not (self.out / "final").is_dir()):
             ema_sd, _ = distributed.full_state(self.ema)
             if self.dist.is_main:
                 final = WorldModel(self.student.cfg)
