@@ -80,11 +80,17 @@ class StreamGenerator:
         self.chunk_index = 0
         self.context = None
         self.first_latent = None
-        self.generator: torch.Generator | None = None
+        self.generator: torch.Generator | list[torch.Generator] | None = None
 
     # ------------------------------------------------------------------------------ session state
-    def reset(self, prompts: list[str], first_frames_BHWC: torch.Tensor | None, generator: torch.Generator) -> None:
-        """Start new streams: empty cache, new prompts, optional first frames (uint8)."""
+    def reset(
+        self, prompts: list[str], first_frames_BHWC: torch.Tensor | None, generator: torch.Generator | list[torch.Generator]
+    ) -> None:
+        """Start new streams: empty cache, new prompts, optional first frames (uint8).
+
+        ``generator``: one for the batch, or one per stream (row ``b`` draws its noise from
+        ``generator[b]`` alone, so a stream gives the same frames alone or batched with others --
+        how the server batches independent sessions)."""
         if len(prompts) != self.batch_size:
             raise ValueError(f"got {len(prompts)} prompts for a batch of {self.batch_size} streams")
         self.cache.reset()
@@ -109,6 +115,10 @@ class StreamGenerator:
 
     # ----------------------------------------------------------------------------------- one chunk
     def _noise(self) -> torch.Tensor:
+        if isinstance(self.generator, list):  # one generator per stream (see reset)
+            assert len(self.generator) == self.batch_size and self.global_batch[0] == self.batch_size
+            z = torch.cat([torch.randn((1, *self.latent_shape), generator=g, dtype=torch.float32) for g in self.generator])
+            return z.to(self.device, self.dtype)
         size, rows = self.global_batch
         z = torch.randn((size, *self.latent_shape), generator=self.generator, dtype=torch.float32)[rows]
         return z.to(self.device, self.dtype)

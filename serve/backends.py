@@ -1,0 +1,280 @@
+"""What the server's worker drives: a causal model through ``StreamGenerator`` (``ModelBackend``),
+or the toy world's exact renderer (``WorldOracleBackend``, no model: for client development and
+end-to-end tests of the action path, where a random-weight model cannot show a move).
+
+Legend: B sessions in a batch, R cache rows (B, or 2B with CFG), C latent channels, F frames per
+chunk, h/w latent size, N layers, S cache tokens, T tokens per frame.
+
+Batching sessions into one forward
+----------------------------------
+Every session owns a single-stream ``StreamGenerator`` (its cache, prompt context, first frame,
+noise generator, decoder). To batch, the worker groups sessions whose caches hold the same
+*visible layout* -- same number of visible frames with the same re-based RoPE positions --
+copies their cache rows into a B-stream generator, runs ``next_chunk`` once, and copies the rows
+back. Noise is drawn per row from each session's own generator, so a session gives the same
+frames alone or batched (to fp32 summation order; ``tests/test_serve_batching.py``).
+
+Sessions that joined at different times sit at different ring phases, which would split them
+into incompatible groups. ``rebase`` removes that: attention is a sum over keys, and keys are
+cached before RoPE and rotated by their slot's re-based position at read time, so permuting the
+ring slots into age order (oldest first) and setting ``frames_written = sinks + window`` changes
+nothing but summation order. After every chunk the caches are rebased, so all sessions past the
+warm-up share one layout and batch together. Gather and scatter copy each session's cache twice
+per chunk (a few MB for the toy student), small next to five model passes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from streamkd.cache.kv_cache import KVCache, KVCacheSnapshot
+from streamkd.data.toyworld import ACTION_DELTAS, ToyWorld
+from streamkd.generate import first_frame_for
+from streamkd.models.world import WorldModel
+from streamkd.sampling.stream import StreamGenerator
+
+
+@dataclass
+class StreamSpec:
+    """What a session asked for (validated by the server)."""
+
+    prompt: str
+    seed: int
+    first_frame: np.ndarray | str | None
+    """uint8 HWC; "world": the toy world's frame 0 for (seed, prompt), resolved by the engine; None: text-to-video."""
+
+
+# --------------------------------------------------------------------------------- cache layout
+def _token_index(slots: list[int], tokens_per_frame: int) -> torch.Tensor:
+    return (torch.tensor(slots)[:, None] * tokens_per_frame + torch.arange(tokens_per_frame)).flatten()
+
+
+def rebase(cache: KVCache) -> None:
+    """Put a full cache's ring in age order and set ``frames_written = sinks + window``.
+
+    Nothing a later read sees changes (every key keeps its re-based position and camera
+    offset); only slot order does -- see the module docstring. A cache that has not wrapped is
+    already in age order and is left alone.
+    """
+    full = cache.sink_frames + cache.window_frames
+    if cache.frames_written <= full:
+        return
+    s, w = cache.sink_frames, cache.window_frames
+    first_ring = (cache.frames_written - full) % w  # ring slot of the oldest window frame
+    slots = list(range(s)) + [s + (first_ring + i) % w for i in range(w)]
+    idx = _token_index(slots, cache.tokens_per_frame)
+    cache.restore(KVCacheSnapshot(cache.k_NBSHD[:, :, idx], cache.v_NBSHD[:, :, idx], full,
+                                  cache.camera_BS2[:, slots], cache.camera_last_B2.clone()))
+
+
+def layout_key(cache: KVCache) -> int:
+    """Caches with equal keys (after ``rebase``) have the same visible layout and can be batched."""
+    return min(cache.frames_written, cache.sink_frames + cache.window_frames)
+
+
+# ----------------------------------------------------------------------------- model sessions
+@dataclass
+class _Visible:
+    """Clean latents and actions of the frames the cache holds, for the KV re-cache."""
+
+    sink_frames: int
+    window_frames: int
+    sinks: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  # (frame index, latent_C1hw, action)
+    window: deque = field(default_factory=deque)
+
+    def push(self, first_index: int, latents_CFhw: torch.Tensor, actions: list[int]) -> None:
+        for i, a in enumerate(actions):
+            item = (first_index + i, latents_CFhw[:, i : i + 1].clone(), a)
+            if len(self.sinks) < self.sink_frames:
+                self.sinks.append(item)
+            else:
+                self.window.append(item)
+                if len(self.window) > self.window_frames:
+                    self.window.popleft()
+
+    def frames(self) -> list[tuple[int, torch.Tensor, int]]:
+        """Oldest first: the cache's slot order after ``rebase``."""
+        return self.sinks + list(self.window)
+
+
+@dataclass
+class ModelStream:
+    """One session's generator state."""
+
+    gen: StreamGenerator
+    visible: _Visible
+    frames_done: int = 0
+
+
+class ModelBackend:
+    """A causal ``WorldModel`` stepped for groups of sessions, batched into one forward."""
+
+    def __init__(self, model: WorldModel, max_batch: int = 8) -> None:
+        if not model.is_causal:
+            raise ValueError(
+                "this checkpoint is bidirectional (config.json has no 'causal' section); the server streams "
+                "causal students only -- distil one (streamkd distill) or pass a causal checkpoint such as toy-student"
+            )
+        self.model = model
+        self.causal = model.cfg.causal
+        self.sampling = model.cfg.sampling
+        self.max_batch = max_batch
+        self.frame_size = model.cfg.world.frame_size
+        self.chunk_frames = self.causal.chunk_frames
+        self._batched: dict[int, StreamGenerator] = {}  # batch size -> scratch generator, made on first use
+
+    def _generator(self, batch_size: int) -> StreamGenerator:
+        return StreamGenerator(self.model, self.sampling.make(), causal=self.causal,
+                               guidance_scale=self.sampling.guidance_scale, batch_size=batch_size)
+
+    def world_first_frame(self, seed: int, prompt: str) -> np.ndarray:
+        return first_frame_for(self.model, seed, prompt)
+
+    def start(self, spec: StreamSpec) -> ModelStream:
+        gen = self._generator(1)
+        first = None if spec.first_frame is None else torch.from_numpy(spec.first_frame)[None]
+        gen.reset([spec.prompt], first, torch.Generator().manual_seed(spec.seed))
+        return ModelStream(gen, _Visible(self.causal.sink_frames, self.causal.window_frames))
+
+    def group_key(self, stream: ModelStream) -> tuple[int, bool]:
+        gen = stream.gen
+        return layout_key(gen.cache), gen.chunk_index == 0 and gen.first_latent is not None
+
+    @torch.no_grad()
+    def step(self, streams: list[ModelStream], actions: list[int]) -> list[np.ndarray]:
+        """One chunk for every stream (all with the same ``group_key``); uint8 ``(F, H, W, 3)`` each.
+        ``actions[b]`` is held for the whole chunk of stream b."""
+        F = self.chunk_frames
+        actions_BF = torch.tensor(actions, dtype=torch.long)[:, None].expand(-1, F).contiguous()
+        if len(streams) == 1:
+            gen = streams[0].gen
+            latents = gen.next_chunk(actions_BF)
+            rebase(gen.cache)
+        else:
+            big = self._batched.get(len(streams)) or self._batched.setdefault(len(streams), self._generator(len(streams)))
+            self._gather(big, [s.gen for s in streams])
+            latents = big.next_chunk(actions_BF)
+            rebase(big.cache)
+            self._scatter(big, [s.gen for s in streams])
+        frames = []
+        for b, stream in enumerate(streams):
+            stream.visible.push(stream.frames_done, latents[b], [actions[b]] * F)
+            stream.frames_done += F
+            # decoded per session: a temporal codec (the Wan VAE) keeps per-stream state
+            frames.append(stream.gen.decode(latents[b : b + 1])[0].numpy())
+        return frames
+
+    @staticmethod
+    def _rows(batch: int, b: int, halves: int) -> list[int]:
+        """Rows of stream b in a cache of ``batch`` streams: conditional half first, then unconditional."""
+        return [h * batch + b for h in range(halves)]
+
+    def _gather(self, big: StreamGenerator, gens: list[StreamGenerator]) -> None:
+        """Load the sessions' state into the batched generator (rows: all cond, then all uncond)."""
+        B, halves = len(gens), big.rows // big.batch_size
+        order = [(h, b) for h in range(halves) for b in range(B)]
+        snaps = [g.cache.snapshot() for g in gens]
+        big.cache.restore(KVCacheSnapshot(
+            torch.cat([snaps[b].k[:, h : h + 1] for h, b in order], 1), torch.cat([snaps[b].v[:, h : h + 1] for h, b in order], 1),
+            gens[0].cache.frames_written, torch.cat([snaps[b].camera[h : h + 1] for h, b in order]),
+            torch.cat([snaps[b].camera_last[h : h + 1] for h, b in order]),
+        ))
+        big.context = torch.cat([gens[b].context[h : h + 1] for h, b in order])
+        fixed = gens[0].chunk_index == 0 and gens[0].first_latent is not None
+        big.first_latent = torch.cat([g.first_latent for g in gens]) if fixed else None
+        big.chunk_index = gens[0].chunk_index
+        big.generator = [g.generator for g in gens]
+
+    def _scatter(self, big: StreamGenerator, gens: list[StreamGenerator]) -> None:
+        snap = big.cache.snapshot()
+        halves = big.rows // big.batch_size
+        for b, g in enumerate(gens):
+            rows = self._rows(len(gens), b, halves)
+            g.cache.restore(KVCacheSnapshot(snap.k[:, rows], snap.v[:, rows], snap.frames_written, snap.camera[rows], snap.camera_last[rows]))
+            g.chunk_index += 1
+
+    @torch.no_grad()
+    def switch_prompt(self, stream: ModelStream, prompt: str) -> None:
+        """New prompt for the next chunks, with the KV re-cache (LongLive-style): the cached keys/values
+        of every visible frame are recomputed under the new prompt from the frames' clean latents,
+        so the next chunk attends to history that agrees with its prompt instead of jumping.
+
+        Frames are replayed oldest first in their original chunks, at their original re-based
+        positions and camera offsets; what the replay cannot restore is the context of frames
+        already evicted (as in LongLive). With nothing evicted yet and an unchanged prompt, the
+        re-cache reproduces the cache (``tests/test_serve_batching.py``).
+        """
+        gen = stream.gen
+        gen.set_prompts([prompt])
+        frames = stream.visible.frames()
+        cache, dit = gen.cache, self.model.dit
+        assert len(frames) == cache.num_filled, "visible-frame history out of step with the cache"
+        if not frames:
+            return
+        camera = cache.camera_BS2[:, : cache.num_filled].clone()
+        halves = gen.rows // gen.batch_size
+        cache.reset()
+        F = self.chunk_frames
+        start = 0
+        while start < len(frames):
+            end = start + 1
+            while end < len(frames) and frames[end][0] // F == frames[start][0] // F and frames[end][0] == frames[end - 1][0] + 1:
+                end += 1
+            group = frames[start:end]
+            x = torch.cat([lat for _, lat, _ in group], 1)[None].repeat(halves, 1, 1, 1, 1)
+            a = torch.tensor([[act for _, _, act in group]])
+            if halves > 1:
+                a = torch.cat([a, torch.full_like(a, dit.null_action)])
+            if dit.action_shifts is not None:
+                # continue from the camera that makes cumsum(shift) land on the stored offsets
+                cache.camera_last_B2.copy_(camera[:, start] - dit.action_shifts[a[:, 0]])
+            dit(x, torch.zeros(halves, len(group)), gen.context, a if dit.action_embed is not None else None,
+                cache=cache, write_cache=True)
+            start = end
+
+
+@dataclass
+class OracleStream:
+    world: ToyWorld
+    camera: np.ndarray  # (y, x) top-left of the last frame sent
+    started: bool = False
+
+
+class WorldOracleBackend:
+    """Ground truth instead of a model: the toy world's static map under the camera, moved by the
+    actions exactly as the world model should. Prompts restyle the same map."""
+
+    def __init__(self, world_cfg, chunk_frames: int = 3) -> None:
+        self.world_cfg = world_cfg
+        self.frame_size = world_cfg.frame_size
+        self.chunk_frames = chunk_frames
+        self.max_batch = 1
+
+    def world_first_frame(self, seed: int, prompt: str) -> np.ndarray:
+        return ToyWorld(self.world_cfg, seed, prompt).render_static([0], 1)[0]
+
+    def start(self, spec: StreamSpec) -> OracleStream:
+        world = ToyWorld(self.world_cfg, spec.seed, spec.prompt)
+        return OracleStream(world, np.asarray(world.default_start, dtype=np.int64))
+
+    def group_key(self, stream: OracleStream) -> int:
+        return 0
+
+    def step(self, streams: list[OracleStream], actions: list[int]) -> list[np.ndarray]:
+        out = []
+        F = self.chunk_frames
+        for stream, action in zip(streams, actions):
+            # ids[0] is the view at ``camera`` (not a move): frame 0 of the first chunk, skipped after
+            moves = F - 1 if not stream.started else F
+            ids = [0] + [action] * moves
+            out.append(stream.world.render_static(ids, len(ids), tuple(stream.camera))[len(ids) - F :])
+            stream.camera = (stream.camera + ACTION_DELTAS[action] * self.world_cfg.speed_px * moves) % self.world_cfg.map_size
+            stream.started = True
+        return out
+
+    def switch_prompt(self, stream: OracleStream, prompt: str) -> None:
+        stream.world = ToyWorld(self.world_cfg, stream.world.seed, prompt)
