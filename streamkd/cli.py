@@ -95,8 +95,13 @@ def cmd_export(args) -> None:
     if folder is None:
         raise CheckpointError(f"{args.run} holds no training checkpoint (checkpoints/latest is missing)")
     files, state = load_training_checkpoint(folder, [args.weights])
-    cfg = from_dict(TeacherTrainConfig, deep_merge(state["config"], parse_overrides(args.overrides)))
-    model = WorldModel(cfg.model)
+    if "student_config" in state:  # a distillation run: the student's own model config
+        from streamkd.models.world import WorldModelConfig
+
+        model_cfg = from_dict(WorldModelConfig, deep_merge(state["student_config"], parse_overrides(args.overrides)))
+    else:
+        model_cfg = from_dict(TeacherTrainConfig, deep_merge(state["config"], parse_overrides(args.overrides))).model
+    model = WorldModel(model_cfg)
     model.load_state_dict(files[args.weights])
     model.save(args.out, dtype=torch.float16 if args.fp16 else None)
     print(f"exported {args.weights} weights of {folder} (step {state['step']}) to {args.out}")

@@ -97,3 +97,67 @@ def test_action_shifts_must_match_the_toy_camera() -> None:
     with pytest.raises(ValueError, match="do not match the toy world's camera.*speed_px=16"):
         WorldModelConfig(dit=DiTConfig(**dit, action_shifts=SHIFTS), codec=CodecConfig(patch=4, latent_channels=24),
                          world=ToyWorldConfig(speed_px=16))
+
+
+# ------------------------------------------------------------------------------- anchor warp
+def _anchor_dit(**kw) -> DiT:
+    return DiT(DiTConfig(in_channels=24, out_channels=24, num_layers=1, num_heads=2, head_dim=12, ffn_dim=16, text_dim=8,
+                         num_actions=5, action_shifts=SHIFTS, anchor_warp=True, **kw)).eval()
+
+
+def test_anchor_warp_reproduces_the_ground_truth_view() -> None:
+    """The first frame's latent, shifted by the camera, equals the toy world's own latent of each
+    later frame wherever the mask says it is known (static map, no moving objects)."""
+    from streamkd.data.toyworld import render
+    from streamkd.models.codec import PatchPCACodec
+
+    world = ToyWorldConfig(num_objects=0)
+    actions = [0, 4, 4, 1, 1, 1, 3, 3, 2, 0, 4, 4]
+    frames = torch.from_numpy(render(5, "forest with red squares", actions, 12, world))[None]
+    codec = PatchPCACodec(CodecConfig(patch=4, latent_channels=24)).fit(frames[0, :4, None].transpose(0, 1))
+    z = codec.encode(frames)
+    dit = _anchor_dit()
+    t = torch.full((1, 12), 500.0)
+    t[:, 0] = 0
+    a = torch.tensor([actions])
+    cond = dit._anchor_condition(z, t, a, dit.camera_offsets(a, 1, 12, None, z.device), None, False)
+    warped, mask = cond[:, :24], cond[:, 24:]
+    known = mask.mean(dim=(0, 1, 3, 4))
+    assert known[0] == 1 and known[1] == 0.875 and 0 < known.min() < 1  # one token column per move
+    torch.testing.assert_close(warped * mask, z * mask, atol=1e-5, rtol=0)
+    # unknown camera (null actions: CFG's unconditional rows) and no given first frame: no anchor
+    null = torch.full_like(a, dit.null_action)
+    cond = dit._anchor_condition(z, t, null, dit.camera_offsets(null, 1, 12, None, z.device), None, False)
+    assert cond[:, 24, 0].all() and not cond[:, 24, 1:].any()
+    t[:, 0] = 500.0
+    assert not dit._anchor_condition(z, t, a, dit.camera_offsets(a, 1, 12, None, z.device), None, False)[:, 24].any()
+
+
+def test_anchor_warp_needs_camera_shifts() -> None:
+    with pytest.raises(ValueError, match="anchor_warp needs action_shifts"):
+        DiTConfig(num_actions=5, anchor_warp=True)
+
+
+def test_warm_start_into_anchor_warp_is_exact(tmp_path) -> None:
+    """A plain checkpoint continued with anchor_warp and camera RoPE: the new input channels start
+    at zero, so without camera motion (null actions) the model computes exactly what it did."""
+    from streamkd.models.world import WorldModel
+    from streamkd.train.teacher import TeacherTrainer
+
+    from .test_training import tiny_config
+
+    plain = tiny_config(tmp_path / "plain", max_steps=1)
+    TeacherTrainer(plain).train(progress=False)
+    start = WorldModel.load(tmp_path / "plain" / "final")
+    warped_dit = DiTConfig(**{**vars(plain.model.dit), "action_shifts": SHIFTS, "anchor_warp": True})
+    cfg = tiny_config(tmp_path / "warp", init=str(tmp_path / "plain" / "final"),
+                      model=WorldModelConfig(**{**vars(plain.model), "dit": warped_dit}))
+    model = TeacherTrainer(cfg).model
+    assert model.dit.patch_embed.weight.shape[1] == 2 * 8 + 1
+    assert model.dit.patch_embed.weight[:, 8:].abs().sum() == 0
+    gen = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 8, 4, 8, 8, generator=gen), start.encode_prompts(["forest with red squares", ""])
+    t = torch.tensor([[0.0, 500.0, 500.0, 500.0], [0.0, 900.0, 100.0, 300.0]])
+    null = torch.full((2, 4), start.dit.null_action)
+    with torch.no_grad():
+        torch.testing.assert_close(model.dit(x, t, ctx, null), start.dit(x, t, ctx, null), atol=1e-5, rtol=0)

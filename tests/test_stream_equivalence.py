@@ -36,11 +36,15 @@ def _randomize(module: torch.nn.Module, std: float = 0.2, seed: int = 0) -> None
 TOY_SHIFTS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
 
 
-@pytest.fixture(scope="module", params=[None, TOY_SHIFTS], ids=["plain-rope", "camera-rope"])
+@pytest.fixture(
+    scope="module", params=[(None, False), (TOY_SHIFTS, False), (TOY_SHIFTS, True)],
+    ids=["plain-rope", "camera-rope", "camera-rope-anchor-warp"],
+)
 def dit(request) -> DiT:
+    shifts, anchor = request.param
     cfg = DiTConfig(
         in_channels=4, out_channels=4, num_layers=2, num_heads=2, head_dim=12, ffn_dim=32, text_dim=8, num_actions=5,
-        action_shifts=request.param,
+        action_shifts=shifts, anchor_warp=anchor,
     )
     model = DiT(cfg).eval()
     _randomize(model)
@@ -94,11 +98,11 @@ def test_read_only_pass_leaves_cache_untouched(dit: DiT) -> None:
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-def _tiny_world_model(causal: CausalConfig, action_shifts=None) -> WorldModel:
+def _tiny_world_model(causal: CausalConfig, action_shifts=None, anchor_warp: bool = False) -> WorldModel:
     cfg = WorldModelConfig(
         dit=DiTConfig(
             in_channels=8, out_channels=8, num_layers=2, num_heads=2, head_dim=12, ffn_dim=32, text_dim=16, num_actions=5,
-            action_shifts=action_shifts,
+            action_shifts=action_shifts, anchor_warp=anchor_warp,
         ),
         codec=CodecConfig(patch=4, latent_channels=8),
         world=ToyWorldConfig(frame_size=32, map_size=128),
@@ -111,12 +115,13 @@ def _tiny_world_model(causal: CausalConfig, action_shifts=None) -> WorldModel:
 
 @pytest.mark.parametrize("sampler_kind", ["few_step", "euler"])
 @pytest.mark.parametrize(
-    "causal, shifts",
-    [(CausalConfig(3, 3, 6), None), (CausalConfig(2, 1, 4), None), (CausalConfig(2, 1, 4), TOY_SHIFTS)],
-    ids=["c3s3w6", "c2s1w4", "c2s1w4-camera-rope"],
+    "causal, shifts, anchor",
+    [(CausalConfig(3, 3, 6), None, False), (CausalConfig(2, 1, 4), None, False),
+     (CausalConfig(2, 1, 4), TOY_SHIFTS, False), (CausalConfig(2, 1, 4), TOY_SHIFTS, True)],
+    ids=["c3s3w6", "c2s1w4", "c2s1w4-camera-rope", "c2s1w4-anchor-warp"],
 )
-def test_stream_generator_matches_block_causal_forward(sampler_kind: str, causal: CausalConfig, shifts) -> None:
-    model = _tiny_world_model(causal, shifts)
+def test_stream_generator_matches_block_causal_forward(sampler_kind: str, causal: CausalConfig, shifts, anchor) -> None:
+    model = _tiny_world_model(causal, shifts, anchor)
     sampler = FewStepSampler([1.0, 0.75, 0.5, 0.25]) if sampler_kind == "few_step" else EulerSampler(3, shift=2.0)
     steps: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     gen = StreamGenerator(model, sampler, guidance_scale=2.5, batch_size=2, on_step=lambda *a: steps.append(a))

@@ -183,11 +183,17 @@ class TeacherTrainer:
             start = WorldModel.load(cfg.init)
             # action_shifts and rope_theta say how positions are computed, not what weights exist:
             # a checkpoint may be continued with other positions (it has to re-learn to use them)
-            positions = {"action_shifts": cfg.model.dit.action_shifts, "rope_theta": cfg.model.dit.rope_theta}
-            same_dit = dataclasses.replace(start.cfg.dit, **positions) == cfg.model.dit
-            if not same_dit or start.cfg.codec != cfg.model.codec:
+            # anchor_warp adds input channels: they start at zero, so the warm start is exact
+            dit = cfg.model.dit
+            positions = {"action_shifts": dit.action_shifts, "rope_theta": dit.rope_theta, "anchor_warp": dit.anchor_warp}
+            same_dit = dataclasses.replace(start.cfg.dit, **positions) == dit
+            if not same_dit or start.cfg.codec != cfg.model.codec or (start.cfg.dit.anchor_warp and not dit.anchor_warp):
                 raise ValueError(f"init checkpoint {cfg.init} has another model.dit/model.codec shape than this config")
-            self.model.load_state_dict(start.state_dict())
+            weights = start.state_dict()
+            w = weights["dit.patch_embed.weight"]
+            if w.shape[1] < dit.embed_channels:
+                weights["dit.patch_embed.weight"] = torch.cat([w, w.new_zeros(w.shape[0], dit.embed_channels - w.shape[1], *w.shape[2:])], 1)
+            self.model.load_state_dict(weights)
         else:
             self._fit_codec()  # deterministic, so every rank fits the same codec
         self.ema.load_state_dict(self.model.state_dict())

@@ -35,6 +35,7 @@ class KVCacheSnapshot:
     frames_written: int
     camera: torch.Tensor
     camera_last: torch.Tensor
+    anchor: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class KVCache:
@@ -76,6 +77,11 @@ class KVCache:
         # would synchronise every chunk.
         self.camera_BS2 = torch.zeros(batch_size, num_slots, 2, dtype=torch.long, device=device)
         self.camera_last_B2 = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
+        # anchor-warp models: the stream's first frame (latent) and camera, kept like sink frame 0
+        self.anchor_BCHW: torch.Tensor | None = None
+        self.anchor_camera_B2 = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
+        self.anchor_valid_B = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.camera_known_B = torch.ones(batch_size, dtype=torch.bool, device=device)  # no null action yet
         self.frames_written = 0
         self._pending: int | None = None
 
@@ -140,6 +146,15 @@ class KVCache:
             self.k_NBSHD[layer, :, slot * T : (slot + 1) * T] = k_BLHD[:, i * T : (i + 1) * T]
             self.v_NBSHD[layer, :, slot * T : (slot + 1) * T] = v_BLHD[:, i * T : (i + 1) * T]
 
+    def write_anchor(self, anchor_BCHW: torch.Tensor, camera_B2: torch.Tensor, valid_B: torch.Tensor) -> None:
+        """Keep the first frame's latent for anchor-warp conditioning (written with frame 0)."""
+        assert self.frames_written == 0, "the anchor is the stream's first frame"
+        if self.anchor_BCHW is None or self.anchor_BCHW.shape != anchor_BCHW.shape:
+            self.anchor_BCHW = torch.empty_like(anchor_BCHW)  # allocated once per stream shape
+        self.anchor_BCHW.copy_(anchor_BCHW)
+        self.anchor_camera_B2.copy_(camera_B2)
+        self.anchor_valid_B.copy_(valid_B)
+
     def write_camera(self, camera_BF2: torch.Tensor) -> None:
         """Store the camera offsets of the chunk being written (before ``commit``)."""
         assert self._pending == camera_BF2.shape[1], "write the chunk's keys before its camera offsets"
@@ -158,12 +173,16 @@ class KVCache:
         self.frames_written = 0
         self._pending = None
         self.camera_last_B2.zero_()
+        self.anchor_valid_B.zero_()
+        self.camera_known_B.fill_(True)
 
     def snapshot(self) -> KVCacheSnapshot:
         n = self.num_filled * self.tokens_per_frame
         return KVCacheSnapshot(
             self.k_NBSHD[:, :, :n].clone(), self.v_NBSHD[:, :, :n].clone(), self.frames_written,
             self.camera_BS2[:, : self.num_filled].clone(), self.camera_last_B2.clone(),
+            None if self.anchor_BCHW is None else
+            (self.anchor_BCHW.clone(), self.anchor_camera_B2.clone(), self.anchor_valid_B.clone(), self.camera_known_B.clone()),
         )
 
     def restore(self, snap: KVCacheSnapshot) -> None:
@@ -175,6 +194,13 @@ class KVCache:
         self.frames_written = snap.frames_written
         self.camera_BS2[:, : snap.camera.shape[1]] = snap.camera
         self.camera_last_B2.copy_(snap.camera_last)
+        if snap.anchor is not None:
+            if self.anchor_BCHW is None:
+                self.anchor_BCHW = torch.empty_like(snap.anchor[0])
+            self.anchor_BCHW.copy_(snap.anchor[0])
+            self.anchor_camera_B2.copy_(snap.anchor[1])
+            self.anchor_valid_B.copy_(snap.anchor[2])
+            self.camera_known_B.copy_(snap.anchor[3])
         self._pending = None
 
     @property

@@ -13,6 +13,13 @@ weights convert one-to-one (``streamkd.models.wan``). Two generalisations serve 
   same sequence as noisy frames. An optional action embedding is added to the timestep embedding
   of its frame, before the shared projection, so actions steer the AdaLN modulation of exactly the
   frame they apply to.
+* **Anchor-warp conditioning** (optional, with camera-anchored RoPE): the stream's first frame, when
+  given, is shifted by each frame's camera translation and concatenated to that frame's input
+  channels with a mask of where it is known -- Wan2.1 image-to-video concatenates the first frame
+  the same way, here it is first moved to where the camera looks (render-then-inpaint, as world
+  models that condition on reprojected memory do). Copying what the first frame already shows
+  becomes a per-token map instead of an attention pattern that must be learned from noise; the
+  cache keeps the anchor (it is sink frame 0), so streaming sees exactly what the full sequence sees.
 * **Attention mode is a runtime choice**, not a model type:
     - bidirectional  (``layout=None, cache=None``): every token sees every token -- teacher, critic;
     - block-causal   (``layout=CausalLayout``): the full sequence under the chunked causal rule of
@@ -60,6 +67,9 @@ class DiTConfig:
     """Sinusoidal timestep embedding width."""
     num_actions: int = 0
     """Discrete actions for world-model conditioning; 0 disables it (plain Wan)."""
+    anchor_warp: bool = False
+    """Concatenate the first frame, shifted by the camera, and its known-mask to every frame's
+    input (``2 * in_channels + 1`` input channels). Needs ``action_shifts``."""
     action_shifts: tuple[tuple[int, int], ...] | None = None
     """Camera-anchored RoPE: per action id, the camera's (rows, cols) translation in tokens that the
     action causes between two frames. When set, each frame's spatial RoPE positions are offset by
@@ -82,6 +92,8 @@ class DiTConfig:
             raise ValueError(f"head_dim must be even and >= 6 for 3D RoPE, got {self.head_dim}")
         if self.num_actions < 0:
             raise ValueError(f"num_actions must be >= 0 (0 disables actions), got {self.num_actions}")
+        if self.anchor_warp and self.action_shifts is None:
+            raise ValueError("anchor_warp needs action_shifts (the camera translation per action); set both or neither")
         if self.action_shifts is not None:
             self.action_shifts = tuple(tuple(int(v) for v in row) for row in self.action_shifts)
             if len(self.action_shifts) != self.num_actions or any(len(row) != 2 for row in self.action_shifts):
@@ -93,6 +105,11 @@ class DiTConfig:
     @property
     def dim(self) -> int:
         return self.num_heads * self.head_dim
+
+    @property
+    def embed_channels(self) -> int:
+        """Input channels of the patch embedding (latents, plus anchor and mask when warped)."""
+        return 2 * self.in_channels + 1 if self.anchor_warp else self.in_channels
 
 
 # ------------------------------------------------------------------------------------ attention
@@ -240,7 +257,7 @@ class DiT(nn.Module):
         self.cfg = cfg
         E = cfg.dim
         # 1. patch embedding and positions
-        self.patch_embed = nn.Conv3d(cfg.in_channels, E, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed = nn.Conv3d(cfg.embed_channels, E, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.rope = Rope3D(cfg.head_dim, cfg.rope_max_seq_len, cfg.rope_theta)
         # 2. conditioning: timestep (+ action) -> temb -> 6 modulations; prompt -> tokens of width E
         self.time_embed = nn.Sequential(nn.Linear(cfg.freq_dim, E), nn.SiLU(), nn.Linear(E, E))
@@ -322,6 +339,51 @@ class DiT(nn.Module):
             chunks.append((slice(q0 * T, q1 * T), k_index, q_cos, q_sin, k_cos, k_sin))
         return _SelfAttnPlan("chunked", chunks=chunks)
 
+    def _anchor_condition(
+        self, x_BCFHW: torch.Tensor, t_BF: torch.Tensor, actions_BF: torch.Tensor | None, camera_BF2: torch.Tensor,
+        cache: KVCache | None, write_cache: bool,
+    ) -> torch.Tensor:
+        """``(B, C + 1, F, H, W)``: the anchor latent shifted into each frame's view, and the mask of
+        latent pixels it covers. The anchor is frame 0 when it is given clean (t = 0); in cached
+        mode, once written, it is the cache's sink frame 0. Frames whose camera is unknown (a null
+        action at or before them: CFG's unconditional rows) get a zero mask."""
+        B, C, num_f, H, W = x_BCFHW.shape
+        dev = x_BCFHW.device
+        if cache is not None and cache.frames_written > 0:
+            anchor_BCHW, anchor_cam_B2, has_B = cache.anchor_BCHW, cache.anchor_camera_B2, cache.anchor_valid_B
+        else:
+            anchor_BCHW, anchor_cam_B2, has_B = x_BCFHW[:, :, 0], camera_BF2[:, 0], t_BF[:, 0] == 0
+            if write_cache:
+                cache.write_anchor(anchor_BCHW.detach(), anchor_cam_B2, has_B)
+        _, ph, pw = self.cfg.patch_size
+        d_BF2 = (camera_BF2 - anchor_cam_B2[:, None]) * torch.tensor([ph, pw], device=dev)
+        rows_BFH = torch.arange(H, device=dev) + d_BF2[..., :1]  # anchor row seen at each frame row
+        cols_BFW = torch.arange(W, device=dev) + d_BF2[..., 1:]
+        streaming_on = cache is not None and cache.frames_written > 0
+        known_BF = has_B[:, None].expand(B, num_f)
+        if streaming_on:
+            known_BF = known_BF & cache.camera_known_B[:, None]
+        if actions_BF is not None:
+            # the camera is known up to the first null action (the stream's frame 0 moves nothing)
+            null = actions_BF == self.null_action
+            if not streaming_on:
+                null[:, 0] = False
+            known_BF = known_BF & (null.long().cumsum(1) == 0)
+        if write_cache:
+            cache.camera_known_B.copy_(known_BF[:, -1])
+        mask_BFHW = (
+            known_BF[:, :, None, None]
+            & ((rows_BFH >= 0) & (rows_BFH < H))[..., None]
+            & ((cols_BFW >= 0) & (cols_BFW < W))[:, :, None, :]
+        )
+        b = torch.arange(B, device=dev)[:, None, None, None]
+        warped_BFHWC = anchor_BCHW.permute(0, 2, 3, 1)[
+            b, rows_BFH.clamp(0, H - 1)[..., :, None], cols_BFW.clamp(0, W - 1)[..., None, :]
+        ]
+        mask_BFHW1 = mask_BFHW[..., None].to(x_BCFHW.dtype)
+        cond_BFHWC = torch.cat([warped_BFHWC * mask_BFHW1, mask_BFHW1], -1)
+        return cond_BFHWC.permute(0, 4, 1, 2, 3)
+
     def camera_offsets(
         self, actions_BF: torch.Tensor | None, batch: int, num_frames: int, cache: KVCache | None, device: torch.device
     ) -> torch.Tensor | None:
@@ -372,8 +434,12 @@ class DiT(nn.Module):
         if t_BF.shape != (B, gf):
             raise ValueError(f"timesteps must be (B,) or (B, frames) = ({B}, {gf}), got {tuple(t_BF.shape)}")
 
-        # 1. patch embedding
-        x_BLE = self.patch_embed(x_BCFHW).flatten(2).transpose(1, 2).contiguous()
+        camera_BF2 = self.camera_offsets(actions_BF, B, gf, cache, x_BCFHW.device)
+        # 1. patch embedding (of the latents and, with anchor_warp, the shifted first frame + mask)
+        x_in = x_BCFHW
+        if cfg.anchor_warp:
+            x_in = torch.cat([x_BCFHW, self._anchor_condition(x_BCFHW, t_BF, actions_BF, camera_BF2, cache, write_cache)], 1)
+        x_BLE = self.patch_embed(x_in).flatten(2).transpose(1, 2).contiguous()
         # 2. conditioning
         temb_BFE = self.time_embed(sinusoidal_embedding(t_BF, cfg.freq_dim).to(self.proj_out.weight.dtype))
         if actions_BF is not None:
@@ -382,7 +448,6 @@ class DiT(nn.Module):
             temb_BFE = temb_BFE + self.action_embed(actions_BF)
         tproj_BF6E = self.time_proj(temb_BFE).unflatten(-1, (6, -1))
         ctx_BLcE = self.text_proj(context_BLcD)
-        camera_BF2 = self.camera_offsets(actions_BF, B, gf, cache, x_BLE.device)
         plan = self._plan(gf, gh, gw, layout, cache, write_cache, x_BLE.device, camera_BF2)
         # 3. blocks
         for i, block in enumerate(self.blocks):
