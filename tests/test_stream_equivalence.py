@@ -147,3 +147,34 @@ def test_stream_generator_matches_block_causal_forward(sampler_kind: str, causal
     assert len(steps) == num_chunks * sampler.num_steps
     # the first frame is the conditioning frame, exactly
     torch.testing.assert_close(clean[:, :, 0], model.codec.encode(first[None, None])[:, :, 0].expand(2, -1, -1, -1))
+
+
+@pytest.mark.parametrize("mode", ["bidirectional", "block-causal", "cached"])
+def test_block_sparse_with_every_block_kept_equals_dense(mode: str) -> None:
+    """The DiT's sparse path (CPU gather path) with tau = 1 keeps every block: dense results, in
+    every attention mode; a real sparsity level changes them."""
+    from streamkd.attention.sparse import BlockSparseConfig
+
+    base = dict(in_channels=4, out_channels=4, num_layers=2, num_heads=2, head_dim=12, ffn_dim=32, text_dim=8,
+                num_actions=5, action_shifts=TOY_SHIFTS)
+    dense = DiT(DiTConfig(**base)).eval()
+    _randomize(dense)
+    outs = {}
+    for name, sparse in (("dense", None), ("all-kept", BlockSparseConfig(tau=1.0, block_q=16, block_k=16)),
+                         ("sparse", BlockSparseConfig(mode="topk", topk=2, sink_blocks=0, block_q=16, block_k=16))):
+        model = DiT(DiTConfig(**base, sparse=sparse)).eval()
+        model.load_state_dict(dense.state_dict())
+        gen = torch.Generator().manual_seed(5)
+        x = torch.randn(1, 4, 6, 4, 8, generator=gen)  # 32 tokens per frame
+        t, ctx = torch.rand(1, 6, generator=gen) * 1000, torch.randn(1, 3, 8, generator=gen)
+        a = torch.randint(0, 5, (1, 6), generator=gen)
+        with torch.no_grad():
+            if mode == "cached":
+                cache = model.new_cache(batch_size=1, height=4, width=8, sink_frames=1, window_frames=3, chunk_frames=3)
+                outs[name] = torch.cat([model(x[:, :, c : c + 3], t[:, c : c + 3], ctx, a[:, c : c + 3], cache=cache, write_cache=True)
+                                        for c in (0, 3)], 2)
+            else:
+                layout = CausalLayout(3) if mode == "block-causal" else None
+                outs[name] = model(x, t, ctx, a, layout=layout)
+    torch.testing.assert_close(outs["all-kept"], outs["dense"], atol=TOL, rtol=0)
+    assert (outs["sparse"] - outs["dense"]).abs().max() > 1e-3

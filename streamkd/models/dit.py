@@ -39,6 +39,7 @@ from torch import nn
 
 from streamkd.attention.dispatch import attention
 from streamkd.attention.layout import CausalLayout, block_causal_mask
+from streamkd.attention.sparse import BlockSparseConfig, sparse_self_attention
 from streamkd.cache.kv_cache import KVCache
 from streamkd.models.rope import Rope3D, apply_rope
 
@@ -79,6 +80,10 @@ class DiTConfig:
     """LayerNorm (with affine) before cross-attention, as in Wan2.1."""
     eps: float = 1e-6
     """Epsilon of every norm."""
+    sparse: BlockSparseConfig | None = None
+    """Block-sparse self-attention (``streamkd.attention.sparse``: Triton kernel on CUDA, gather
+    path on CPU) in every mode -- teacher, critic, student training and cached streaming. None:
+    dense."""
     rope_max_seq_len: int = 1024
     """Largest RoPE position per axis."""
     rope_theta: float = 10000.0
@@ -127,6 +132,17 @@ class _SelfAttnPlan:
     cache_sin: torch.Tensor | None = None
     # "chunked": per query chunk (query token slice, key token index, q cos/sin, k cos/sin)
     chunks: list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    sparse: BlockSparseConfig | None = None
+    causal_chunk: int = 0  # block-causal "full": tokens per chunk (the sparse path's form of ``mask``)
+
+    def attend(self, q_BLHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor, mask: torch.Tensor | None = None,
+               q_offset: int | None = None) -> torch.Tensor:
+        """Dense dispatch, or block-sparse when configured (queries are the last keys unless
+        ``q_offset`` says otherwise)."""
+        if self.sparse is None:
+            return attention(q_BLHD, k_BSHD, v_BSHD, mask)
+        causal = self.causal_chunk if mask is not None else 0
+        return sparse_self_attention(q_BLHD, k_BSHD, v_BSHD, self.sparse, q_offset, causal)
 
 
 class Attention(nn.Module):
@@ -158,14 +174,14 @@ class Attention(nn.Module):
         q_BLND, k_BLND, v_BLND = self.qkv(x_BLE, x_BLE)
         if plan.mode == "full":
             q, k = apply_rope(q_BLND, plan.cos, plan.sin), apply_rope(k_BLND, plan.cos, plan.sin)
-            out_BLND = attention(q, k, v_BLND, plan.mask)
+            out_BLND = plan.attend(q, k, v_BLND, plan.mask, q_offset=0)
         elif plan.mode == "cached":
             cache = plan.cache
             kc_BSND, vc_BSND = cache.read(layer)
             q = apply_rope(q_BLND, plan.cos, plan.sin)
             k_all = torch.cat([apply_rope(kc_BSND, plan.cache_cos, plan.cache_sin), apply_rope(k_BLND, plan.cos, plan.sin)], 1)
             v_all = torch.cat([vc_BSND, v_BLND], 1)
-            out_BLND = attention(q, k_all, v_all)
+            out_BLND = plan.attend(q, k_all, v_all)
             if plan.write_cache:
                 cache.write(layer, k_BLND.detach(), v_BLND.detach())
         else:  # "chunked": reference path when sinks and window have a gap; see attention.layout
@@ -173,7 +189,7 @@ class Attention(nn.Module):
             for q_slice, k_index, q_cos, q_sin, k_cos, k_sin in plan.chunks:
                 q = apply_rope(q_BLND[:, q_slice], q_cos, q_sin)
                 k = apply_rope(k_BLND[:, k_index], k_cos, k_sin)
-                outs.append(attention(q, k, v_BLND[:, k_index]))
+                outs.append(plan.attend(q, k, v_BLND[:, k_index]))
             out_BLND = torch.cat(outs, 1)
         return self.to_out(out_BLND.flatten(2))
 
@@ -449,6 +465,9 @@ class DiT(nn.Module):
         tproj_BF6E = self.time_proj(temb_BFE).unflatten(-1, (6, -1))
         ctx_BLcE = self.text_proj(context_BLcD)
         plan = self._plan(gf, gh, gw, layout, cache, write_cache, x_BLE.device, camera_BF2)
+        plan.sparse = cfg.sparse
+        if layout is not None:
+            plan.causal_chunk = layout.chunk_frames * gh * gw
         # 3. blocks
         for i, block in enumerate(self.blocks):
             x_BLE = block(x_BLE, ctx_BLcE, tproj_BF6E, plan, i)
