@@ -178,11 +178,7 @@ class ModelBackend:
         B, halves = len(gens), big.rows // big.batch_size
         order = [(h, b) for h in range(halves) for b in range(B)]
         snaps = [g.cache.snapshot() for g in gens]
-        big.cache.restore(KVCacheSnapshot(
-            torch.cat([snaps[b].k[:, h : h + 1] for h, b in order], 1), torch.cat([snaps[b].v[:, h : h + 1] for h, b in order], 1),
-            gens[0].cache.frames_written, torch.cat([snaps[b].camera[h : h + 1] for h, b in order]),
-            torch.cat([snaps[b].camera_last[h : h + 1] for h, b in order]),
-        ))
+        big.cache.restore(KVCacheSnapshot.concat([snaps[b].rows([h]) for h, b in order]))
         big.context = torch.cat([gens[b].context[h : h + 1] for h, b in order])
         fixed = gens[0].chunk_index == 0 and gens[0].first_latent is not None
         big.first_latent = torch.cat([g.first_latent for g in gens]) if fixed else None
@@ -194,7 +190,7 @@ class ModelBackend:
         halves = big.rows // big.batch_size
         for b, g in enumerate(gens):
             rows = self._rows(len(gens), b, halves)
-            g.cache.restore(KVCacheSnapshot(snap.k[:, rows], snap.v[:, rows], snap.frames_written, snap.camera[rows], snap.camera_last[rows]))
+            g.cache.restore(snap.rows(rows))
             g.chunk_index += 1
 
     @torch.no_grad()

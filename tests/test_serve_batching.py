@@ -17,10 +17,11 @@ TOY_SHIFTS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
 PROMPTS = ["forest with red squares", "snow with blue circles", "desert with yellow triangles"]
 
 
-def tiny_causal_model(causal: CausalConfig, guidance: float = 2.0, shifts=TOY_SHIFTS, seed: int = 0) -> WorldModel:
+def tiny_causal_model(causal: CausalConfig, guidance: float = 2.0, shifts=TOY_SHIFTS, seed: int = 0,
+                      anchor_warp: bool = False) -> WorldModel:
     cfg = WorldModelConfig(
         dit=DiTConfig(in_channels=8, out_channels=8, num_layers=2, num_heads=2, head_dim=12, ffn_dim=32, text_dim=16,
-                      num_actions=5, action_shifts=shifts),
+                      num_actions=5, action_shifts=shifts, anchor_warp=anchor_warp),
         codec=CodecConfig(patch=4, latent_channels=8),
         world=ToyWorldConfig(frame_size=32, map_size=128),
         causal=causal,
@@ -47,8 +48,9 @@ def _actions(i: int, chunk: int) -> int:
 
 
 @pytest.mark.parametrize("causal", [CausalConfig(2, 1, 4), CausalConfig(3, 3, 6)], ids=["c2s1w4", "c3s3w6"])
-def test_batched_sessions_equal_unbatched(causal: CausalConfig) -> None:
-    model = tiny_causal_model(causal)
+@pytest.mark.parametrize("anchor_warp", [False, True], ids=["camera-rope", "anchor-warp"])
+def test_batched_sessions_equal_unbatched(causal: CausalConfig, anchor_warp: bool) -> None:
+    model = tiny_causal_model(causal, anchor_warp=anchor_warp)
     backend = ModelBackend(model)
     joins = [0, 0, 3, 4]  # sessions join at different ticks: different cache fill and ring phase
     ticks = 9

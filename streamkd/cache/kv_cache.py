@@ -37,6 +37,23 @@ class KVCacheSnapshot:
     camera_last: torch.Tensor
     anchor: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
+    def rows(self, index: list[int]) -> KVCacheSnapshot:
+        """The snapshot of some streams (batch rows) only."""
+        anchor = None if self.anchor is None else tuple(a[index] for a in self.anchor)
+        return KVCacheSnapshot(self.k[:, index], self.v[:, index], self.frames_written, self.camera[index],
+                               self.camera_last[index], anchor)
+
+    @staticmethod
+    def concat(parts: list[KVCacheSnapshot]) -> KVCacheSnapshot:
+        """Streams of several snapshots taken at the same stream position, as one batch."""
+        if len({p.frames_written for p in parts}) != 1 or len({p.anchor is None for p in parts}) != 1:
+            raise ValueError("snapshots at different stream positions cannot be batched; rebase them first")
+        anchor = None if parts[0].anchor is None else tuple(torch.cat(a) for a in zip(*(p.anchor for p in parts)))
+        return KVCacheSnapshot(
+            torch.cat([p.k for p in parts], 1), torch.cat([p.v for p in parts], 1), parts[0].frames_written,
+            torch.cat([p.camera for p in parts]), torch.cat([p.camera_last for p in parts]), anchor,
+        )
+
 
 class KVCache:
     """Self-attention keys/values of every layer for one stream (or a batch of streams)."""

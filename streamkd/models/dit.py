@@ -365,7 +365,8 @@ class DiT(nn.Module):
         action at or before them: CFG's unconditional rows) get a zero mask."""
         B, C, num_f, H, W = x_BCFHW.shape
         dev = x_BCFHW.device
-        if cache is not None and cache.frames_written > 0:
+        streaming_on = cache is not None and cache.frames_written > 0
+        if streaming_on:
             anchor_BCHW, anchor_cam_B2, has_B = cache.anchor_BCHW, cache.anchor_camera_B2, cache.anchor_valid_B
         else:
             anchor_BCHW, anchor_cam_B2, has_B = x_BCFHW[:, :, 0], camera_BF2[:, 0], t_BF[:, 0] == 0
@@ -375,7 +376,6 @@ class DiT(nn.Module):
         d_BF2 = (camera_BF2 - anchor_cam_B2[:, None]) * torch.tensor([ph, pw], device=dev)
         rows_BFH = torch.arange(H, device=dev) + d_BF2[..., :1]  # anchor row seen at each frame row
         cols_BFW = torch.arange(W, device=dev) + d_BF2[..., 1:]
-        streaming_on = cache is not None and cache.frames_written > 0
         known_BF = has_B[:, None].expand(B, num_f)
         if streaming_on:
             known_BF = known_BF & cache.camera_known_B[:, None]

@@ -1,0 +1,78 @@
+"""The shipped toy checkpoints, measured against toy-world ground truth on held-out episodes.
+
+Teacher (issue "Foundation"): ``fidelity_psnr`` closes at least half of the dB gap between the
+floor (first frame repeated) and the ceiling (first frame moved by the exact camera motion), and
+``action_error_px`` is at most 0.5 px. Students (issue "Distillation"): the self-forcing student
+(4 steps, causal, streaming through the KV cache) against the same ground truth and the teacher.
+What each reaches is asserted for real; targets not reached are strict xfails, so the suite says
+so the day they are. README figures come from the same evaluation with 16 episodes:
+``streamkd eval --checkpoint toy-teacher --checkpoint toy-student-ode --checkpoint toy-student``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from streamkd.eval.run import evaluate
+from streamkd.models.world import SHIPPED, WorldModel
+
+EPISODES = 8
+
+
+def _load(name: str) -> WorldModel:
+    if not (SHIPPED / name).is_dir():
+        pytest.fail(f"streamkd/assets/{name} is missing: the repo must ship it")
+    return WorldModel.load(name)
+
+
+@pytest.fixture(scope="module")
+def teacher() -> dict:
+    return evaluate(_load("toy-teacher"), episodes=EPISODES, seed=0, frames=12)
+
+
+@pytest.fixture(scope="module")
+def student() -> dict:
+    return evaluate(_load("toy-student"), episodes=EPISODES, seed=0, frames=12, drift_multiples=(1, 10), drift_episodes=2)
+
+
+@pytest.fixture(scope="module")
+def student_ode() -> dict:
+    return evaluate(_load("toy-student-ode"), episodes=EPISODES, seed=0, frames=12, drift_multiples=(1, 10), drift_episodes=2)
+
+
+def test_teacher_closes_half_the_gap_and_keeps_the_style(teacher: dict) -> None:
+    assert teacher["ceiling"]["fidelity_psnr"] > teacher["floor"]["fidelity_psnr"] + 3
+    assert teacher["gap_closed"] >= 0.5, teacher
+    assert teacher["prompt_accuracy"] >= 0.9  # the biome of every generated frame is the prompt's
+
+
+def test_teacher_follows_actions_with_its_x0_sampler() -> None:
+    """The 4-level x0 sampler (predict x0, re-noise) moves content by the commanded camera motion."""
+    from streamkd.models.world import SamplingConfig
+
+    r = evaluate(_load("toy-teacher"), episodes=EPISODES, seed=0, frames=12, sampling=SamplingConfig(kind="few_step", num_steps=4))
+    assert r["action_error_px"] <= 0.5, r
+    assert r["gap_closed"] >= 0.9, r
+
+
+@pytest.mark.xfail(strict=True, reason="Euler-24 samples carry high-frequency blotches that move phase correlation: README")
+def test_teacher_follows_actions_with_euler_24(teacher: dict) -> None:
+    assert teacher["action_error_px"] <= 0.5, teacher
+
+
+@pytest.mark.parametrize("name", ["toy-student", "toy-student-ode"])
+def test_students_are_causal_four_step_checkpoints(name: str) -> None:
+    model = _load(name)
+    assert model.is_causal and model.cfg.sampling.kind == "few_step" and len(model.cfg.sampling.sigmas) == 4
+
+
+def test_student_matches_the_teacher(teacher: dict, student: dict) -> None:
+    """Issue target: within 1 dB of the teacher at its full step count, action error no worse."""
+    assert student["fidelity_psnr"] >= teacher["fidelity_psnr"] - 1.0, (student, teacher)
+    assert student["action_error_px"] <= teacher["action_error_px"], (student, teacher)
+    assert student["prompt_accuracy"] >= 0.9
+
+
+@pytest.mark.xfail(strict=True, reason="250 DMD steps (50 student updates) do not beat ODE init on drift yet: README")
+def test_self_forcing_drifts_less_than_ode_init(student: dict, student_ode: dict) -> None:
+    assert student["drift_psnr"]["10x"] > student_ode["drift_psnr"]["10x"], (student, student_ode)
