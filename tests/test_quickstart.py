@@ -5,26 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from streamkd.data.toyworld import ToyClipDataset, ToyWorldConfig
-from streamkd.models.codec import CodecConfig
-from streamkd.models.dit import DiTConfig
-from streamkd.models.world import WorldModel, WorldModelConfig
+from streamkd.models.world import WorldModel
 from streamkd.quickstart import distill
+
+from .conftest import save_tiny_teacher
 
 
 def test_quickstart_distills_a_causal_student_and_resumes(tmp_path: Path, monkeypatch) -> None:
-    cfg = WorldModelConfig(
-        dit=DiTConfig(in_channels=8, out_channels=8, num_layers=1, num_heads=2, head_dim=12, ffn_dim=16, text_dim=16, num_actions=5),
-        codec=CodecConfig(patch=4, latent_channels=8),
-        world=ToyWorldConfig(frame_size=32, map_size=128),
-        horizon_frames=6,  # the presets stream chunks of 3 frames
-    )
-    torch.manual_seed(0)
-    teacher = WorldModel(cfg)
-    teacher.codec.fit(torch.stack([ToyClipDataset(cfg.world, 2)[i]["frames"] for i in range(8)]))
-    teacher.save(tmp_path / "teacher")
+    save_tiny_teacher(tmp_path / "teacher", horizon_frames=6, num_layers=1)  # the presets stream chunks of 3 frames
     monkeypatch.chdir(tmp_path)  # the presets write under ./runs/quickstart
     overrides = (f"teacher={tmp_path / 'teacher'}",)
     student_dir = distill(overrides=overrides)
