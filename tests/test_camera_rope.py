@@ -133,6 +133,38 @@ def test_anchor_warp_reproduces_the_ground_truth_view() -> None:
     assert not dit._anchor_condition(z, t, a, dit.camera_offsets(a, 1, 12, None, z.device), None, False)[:, 24].any()
 
 
+def test_anchor_override_gives_a_late_window_the_streams_first_frame() -> None:
+    """A window far into a stream, run alone with ``anchor=`` (the stream's first frame at its
+    camera offset in the window's coordinates) gets exactly the anchor condition its frames have in
+    the full-stream forward: how DMD's teacher scores the last window of a long rollout."""
+    dit = _anchor_dit()
+    gen = torch.Generator().manual_seed(3)
+    T, ws = 14, 8
+    z = torch.randn(2, 24, T, 8, 8, generator=gen)
+    a = torch.randint(0, 5, (2, T), generator=gen)
+    a[:, 0] = 0
+    t = torch.full((2, T), 500.0)
+    t[:, 0] = 0
+    camera = dit.camera_offsets(a, 2, T, None, z.device)
+    full = dit._anchor_condition(z, t, a, camera, None, False)
+    anchor = (z[:, :, 0], camera[:, 0] - camera[:, ws - 1])
+    wa = a[:, ws:]
+    window = dit._anchor_condition(z[:, :, ws:], t[:, ws:], wa, dit.camera_offsets(wa, 2, T - ws, None, z.device), None, False, anchor)
+    assert full[:, 24, ws:].any()  # the walk stays near enough that some of the first frame is in view
+    torch.testing.assert_close(window, full[:, :, ws:], atol=0, rtol=0)
+    # without the override the window's own frame 0 would be the anchor: a different condition
+    t_w = t[:, ws:].clone()
+    t_w[:, 0] = 0
+    own = dit._anchor_condition(z[:, :, ws:], t_w, wa, dit.camera_offsets(wa, 2, T - ws, None, z.device), None, False)
+    assert not torch.equal(own, full[:, :, ws:])
+    # through forward; and refused where a cache keeps its own anchor
+    out = dit(z[:, :, ws:], t[:, ws:], torch.zeros(2, 4, 8), wa, anchor=anchor)
+    assert out.shape == z[:, :, ws:].shape
+    cache = dit.new_cache(batch_size=2, height=8, width=8, sink_frames=1, window_frames=3, chunk_frames=3)
+    with pytest.raises(ValueError, match="anchor= is for full-sequence calls"):
+        dit(z[:, :, :3], t[:, :3], torch.zeros(2, 4, 8), a[:, :3], cache=cache, anchor=anchor)
+
+
 def test_anchor_warp_needs_camera_shifts() -> None:
     with pytest.raises(ValueError, match="anchor_warp needs action_shifts"):
         DiTConfig(num_actions=5, anchor_warp=True)

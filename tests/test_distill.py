@@ -117,6 +117,40 @@ def test_long_rollout_scores_the_last_horizon_window(teacher_dir: Path, tmp_path
     assert "dmd_loss" in history[0]
 
 
+def test_long_rollout_teacher_sees_the_streams_first_frame(anchor_teacher_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """window_anchor = stream: the teacher and critic score the last window of a long, tethered
+    rollout with the stream's first frame as anchor -- the condition those frames have in the
+    whole stream -- and the rollouts' camera stays within half a frame of its start."""
+    import sys
+
+    distill_module = sys.modules[DistillTrainer.__module__]
+    trainer = DistillTrainer(_distill_cfg(anchor_teacher_dir, tmp_path, rollout_frames=8, rollout_actions="tethered"))
+    seen: list = []
+    for name in ("dmd_loss", "critic_loss"):
+        real = getattr(distill_module, name)
+        monkeypatch.setattr(distill_module, name, lambda *a, _real=real, **k: seen.append(a[-1]) or _real(*a, **k))
+    trainer.train(stop_after=1, progress=False)
+    batch = collate_clips([trainer.data[i] for i in range(2)])
+    dit = trainer.teacher.dit
+    shifts = dit.action_shifts[trainer._dmd_batch_actions(batch)]
+    offsets = shifts.cumsum(1) * 8  # tokens of 8 px in the tiny 32 px world
+    assert offsets.abs().max() <= 16 and offsets.abs().max() > 0
+    anchor = trainer._stream_anchor({**batch, "actions": trainer._dmd_batch_actions(batch)}, 4)
+    assert len(seen) == 2 and all(torch.equal(s[1], anchor[1]) and torch.equal(s[0], anchor[0]) for s in seen)
+    a = trainer._dmd_batch_actions(batch)
+    z = trainer.teacher.codec.encode(batch["frames"])
+    t = torch.full(a.shape, 500.0)
+    t[:, 0] = 0
+    full = dit._anchor_condition(z, t, a, dit.camera_offsets(a, 2, 8, None, z.device), None, False)
+    window = dit._anchor_condition(z[:, :, 4:], t[:, 4:], a[:, 4:], dit.camera_offsets(a[:, 4:], 2, 4, None, z.device), None, False,
+                                   anchor)
+    torch.testing.assert_close(window, full[:, :, 4:], atol=1e-6, rtol=0)
+    # window_anchor = window, or a rollout of one horizon: the teacher keeps its own frame 0
+    assert trainer._stream_anchor(batch, 0) is None
+    assert DistillTrainer(_distill_cfg(anchor_teacher_dir, tmp_path / "w", rollout_frames=8,
+                                       window_anchor="window"))._stream_anchor(batch, 4) is None
+
+
 @pytest.mark.parametrize("frames, match", [(3, "multiple of causal.chunk_frames"), (2, "shorter than the teacher's horizon")])
 def test_bad_rollout_frames(teacher_dir: Path, tmp_path: Path, frames: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):

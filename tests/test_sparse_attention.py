@@ -150,6 +150,24 @@ def test_topk_and_window_layouts():
     assert torch.equal(w[0, 0], expected)
 
 
+def test_sparsity_layout_keeps_the_fraction_of_admissible_blocks():
+    q, k, _ = _qkv(2, 128, 128, 2, 16)
+    for sparsity, kept in ((0.0, 8), (0.5, 4), (0.75, 2), (0.9, 1)):
+        lay = topk_layout(q, k, sparsity=sparsity, block_q=16, block_k=16, sink_blocks=0)
+        assert (lay.kv_count == kept).all(), sparsity
+    # block-causal: q-block i has i + 1 admissible blocks, keeps ceil((1 - s)(i + 1)) of them
+    causal = topk_layout(q, k, sparsity=0.5, block_q=16, block_k=16, sink_blocks=0, causal_chunk=16)
+    assert causal.kv_count[0, 0].tolist() == [1, 1, 2, 2, 3, 3, 4, 4]
+    # the same ratio through the model-facing config, and the same blocks as the equivalent topk
+    cfg = BlockSparseConfig(mode="sparsity", sparsity=0.75, block_q=16, block_k=16, sink_blocks=1)
+    assert torch.equal(cfg.layout_for(q, k).to_block_mask(),
+                       topk_layout(q, k, topk=2, block_q=16, block_k=16, sink_blocks=1).to_block_mask())
+    with pytest.raises(ValueError, match="exactly one of topk"):
+        topk_layout(q, k, topk=2, sparsity=0.5)
+    with pytest.raises(ValueError, match="fraction of blocks dropped"):
+        BlockSparseConfig(mode="sparsity", sparsity=1.0)
+
+
 def test_block_mask_and_flex_round_trip():
     lay = random_layout(80, 112, 0.4, block_q=16, block_k=16, batch=2, heads=2, causal_chunk=0,
                         generator=torch.Generator().manual_seed(5))
@@ -237,3 +255,15 @@ def test_unsupported_head_dim_and_block_size_raise_for_the_kernel(monkeypatch):
     torch.testing.assert_close(sparse_attention(q, k, v, random_layout(64, 64, 1.0, block_q=16, block_k=16)),
                                F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_wan_shaped_dit_benchmark(tmp_path) -> None:
+    """bench_dit builds Wan2.1-1.3B's shape through the diffusers-config converter and times dense
+    vs sparse steps on one set of weights (a tiny latent here; the figures are in docs)."""
+    from streamkd.kernels import bench_dit
+
+    cfg = bench_dit.wan_1_3b_config(30)
+    assert (cfg.num_heads * cfg.head_dim, cfg.ffn_dim, cfg.num_layers, cfg.text_dim) == (1536, 8960, 30, 4096)
+    rows = bench_dit.main(["--layers", "1", "--frames", "2", "--latent", "8", "8", "--prompt-tokens", "8", "--sparsity", "0.5",
+                           "--block", "16", "--repeats", "1", "--device", "cpu", "--json", str(tmp_path / "dit.json")])
+    assert len(rows) == 1 and rows[0]["L"] == 32 and rows[0]["dense_ms"] > 0 and rows[0]["sparse_ms"] > 0

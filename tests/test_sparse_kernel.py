@@ -139,3 +139,19 @@ def test_compiled_kernel_bf16_realistic(D):
     layout = random_layout(1000, 1500, 0.3, block_q=64, block_k=64, batch=2, heads=4, q_offset=500,
                            causal_chunk=250, generator=torch.Generator().manual_seed(8))
     check_against_reference(layout, 2, 1000, 1500, 4, D, torch.bfloat16)
+
+
+def test_gpu_benchmark_script_runs(tmp_path) -> None:
+    """The GPU benchmark's code paths (kernel fwd and fwd+bwd beside dense SDPA), at a tiny size;
+    interpreted on a CPU machine, where its timings mean nothing."""
+    import json
+
+    from streamkd.kernels import bench_gpu
+
+    extra = [] if DEVICE == "cuda" else ["--no-flex"]
+    out = tmp_path / "gpu.json"
+    rows = bench_gpu.main(["--device", DEVICE, "--lengths", "128", "--head-dims", "32", "--width", "64", "--block", "32",
+                           "--sparsity", "0", "0.5", "--repeats", "1", "--json", str(out), *extra])
+    assert [(r["pass_"], r["sparsity"]) for r in rows] == [("fwd", 0.0), ("fwd", 0.5), ("fwd+bwd", 0.0), ("fwd+bwd", 0.5)]
+    assert all(r["triton_ms"] > 0 and r["sdpa_ms"] > 0 for r in rows)
+    assert json.loads(out.read_text())["rows"] == rows

@@ -31,10 +31,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from streamkd import distributed
 from streamkd.attention.layout import CausalLayout
+from streamkd.attention.sparse import BlockSparseConfig
 from streamkd.checkpoint import (
     latest_checkpoint,
     load_training_checkpoint,
@@ -43,7 +45,7 @@ from streamkd.checkpoint import (
     save_training_checkpoint,
 )
 from streamkd.config import from_dict, to_dict
-from streamkd.data.toyworld import ToyClipDataset, collate_clips
+from streamkd.data.toyworld import ToyClipDataset, collate_clips, tethered_actions
 from streamkd.distill.losses import critic_loss, dmd_loss, ode_regression_loss, sample_levels
 from streamkd.distill.ode_pairs import ODEPairStore
 from streamkd.models.world import CausalConfig, SamplingConfig, WorldModel
@@ -69,11 +71,24 @@ class DistillConfig:
     """Student chunking and KV cache."""
     sigmas: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
     """Student few-step noise levels (decreasing)."""
+    student_sparse: BlockSparseConfig | None = None
+    """Sparsity-aware distillation: the student's self-attention is block-sparse with this config
+    (``streamkd.attention.sparse``) in its rollouts and its exported checkpoint; teacher and critic
+    stay dense. None keeps the init checkpoint's attention."""
     rollout_frames: int = 0
     """dmd: frames the student rolls out per clip (0 = the teacher's horizon). Longer rollouts
     (long-horizon tuning, as in Self-Forcing++ / LongLive) run the early chunks without a graph and
     apply DMD to the last horizon-long window, whose first frame conditions the teacher as a given
     frame: the student learns from the states its own long rollouts reach, at flat memory."""
+    rollout_actions: Literal["random", "tethered"] = "random"
+    """dmd: the rollouts' camera moves. random: the toy world's piecewise-constant moves (the
+    camera wanders off); tethered: the same moves turned back half a frame from the start, so the
+    camera keeps returning to what frame 0 showed (the long-horizon case where the start matters)."""
+    window_anchor: Literal["stream", "window"] = "stream"
+    """dmd, anchor_warp teachers, rollouts longer than the horizon: what the teacher and critic see
+    as the anchor of the scored window. stream: the stream's true first frame at its camera offset
+    (the student's anchor too), so the score pulls late frames back towards the start;
+    window: the window's own first (generated) frame, which forgives drift."""
     seed: int = 0
     """Seeds data order and every random draw."""
     max_steps: int = 400
@@ -118,6 +133,11 @@ class DistillConfig:
                 f"rollout_frames ({self.rollout_frames}) must be 0 (the teacher's horizon) or a positive "
                 f"multiple of causal.chunk_frames ({self.causal.chunk_frames})"
             )
+        if self.rollout_actions not in ("random", "tethered") or self.window_anchor not in ("stream", "window"):
+            raise ValueError(
+                f"rollout_actions must be 'random' or 'tethered' (got {self.rollout_actions!r}) and window_anchor "
+                f"'stream' or 'window' (got {self.window_anchor!r})"
+            )
         if not 0 < self.dmd_s_min < self.dmd_s_max <= 1:
             raise ValueError(f"need 0 < dmd_s_min < dmd_s_max <= 1, got {self.dmd_s_min}, {self.dmd_s_max}")
 
@@ -156,6 +176,8 @@ class DistillTrainer:
         student_cfg = replace(
             init.cfg, causal=cfg.causal, sampling=SamplingConfig(kind="few_step", num_steps=len(cfg.sigmas), sigmas=list(cfg.sigmas))
         )
+        if cfg.student_sparse is not None:
+            student_cfg = replace(student_cfg, dit=replace(student_cfg.dit, sparse=cfg.student_sparse))
         self.student = WorldModel(student_cfg)
         self.student.load_state_dict(init.state_dict())
         _check_fit(self.teacher, self.student, cfg)
@@ -253,25 +275,48 @@ class DistillTrainer:
         cfg = self.cfg
         rows = self.rows
         batch = collate_clips([self.data[self.step * cfg.batch_size + i] for i in range(cfg.batch_size)[rows]])
+        batch["actions"] = self._dmd_batch_actions(batch)
         B = len(batch["prompt"])
         train_student = self.step % cfg.critic_ratio == 0
         x0 = self.rollout(batch, with_grad=train_student)
         num_f = x0.shape[2]
         window_actions = batch["actions"][:, -num_f:]
+        anchor = self._stream_anchor(batch, self.rollout_frames - num_f)
         ctx = self.teacher.encode_prompts(batch["prompt"] + [""] * B)
         acts = torch.cat([window_actions, torch.full_like(window_actions, self.teacher.dit.null_action)])
         stats: dict[str, float] = {}
         if train_student:
             s_BF, noise = self._levels_and_noise(x0.shape, num_f)
-            loss_g, extra = dmd_loss(x0, self.teacher, self.critic, ctx, acts, s_BF, noise, cfg.teacher_guidance)
+            loss_g, extra = dmd_loss(x0, self.teacher, self.critic, ctx, acts, s_BF, noise, cfg.teacher_guidance, anchor)
             stats["dmd_loss"] = self._apply(loss_g, self.student, self.opt, "dmd")
             update_ema(self.ema, self.student, self.cfg.ema_decay)
             stats.update(extra)
         s_BF, noise = self._levels_and_noise(x0.shape, num_f)
         critic_ctx = self.critic.encode_prompts(batch["prompt"])
-        loss_c = critic_loss(self.critic, x0.detach(), critic_ctx, window_actions, s_BF, noise)
+        loss_c = critic_loss(self.critic, x0.detach(), critic_ctx, window_actions, s_BF, noise, anchor)
         stats["critic_loss"] = self._apply(loss_c, self.critic, self.critic_opt, "critic")
         return stats
+
+    def _dmd_batch_actions(self, batch: dict) -> torch.Tensor:
+        """The rollouts' actions: the clips' own, or tethered moves drawn from each clip's seed
+        (frame 0 does not depend on the actions, so the clip start is unchanged)."""
+        if self.cfg.rollout_actions == "random":
+            return batch["actions"]
+        world, T = self.teacher.cfg.world, batch["actions"].shape[1]
+        return torch.stack([torch.from_numpy(tethered_actions(np.random.default_rng(seed), T, world)) for seed in batch["seed"]])
+
+    def _stream_anchor(self, batch: dict, window_start: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The stream's first frame as the anchor of a window starting at ``window_start``
+        (``window_anchor: stream``), in the window's camera coordinates; None when the window
+        starts the stream or the teacher has no anchor warp."""
+        if window_start == 0 or self.cfg.window_anchor != "stream" or not self.teacher.cfg.dit.anchor_warp:
+            return None
+        with torch.no_grad():
+            latent_BC1hw = self.teacher.codec.encode(batch["frames"][:, :1])
+        actions = batch["actions"]
+        camera_BT2 = self.teacher.dit.camera_offsets(actions, actions.shape[0], actions.shape[1], None, actions.device)
+        # window frame j sits at camera[ws + j] - camera[ws - 1]; the first frame at camera[0] - camera[ws - 1]
+        return latent_BC1hw[:, :, 0].float(), camera_BT2[:, 0] - camera_BT2[:, window_start - 1]
 
     def _levels_and_noise(self, shape: torch.Size, num_f: int) -> tuple[torch.Tensor, torch.Tensor]:
         """DMD / critic noise levels and noise, drawn for the global batch; this rank's rows."""

@@ -220,20 +220,31 @@ def adaptive_layout(
 
 
 def topk_layout(
-    q_BLHD: torch.Tensor, k_BSHD: torch.Tensor, *, topk: int, block_q: int = 64, block_k: int = 64,
-    sink_blocks: int = 1, q_offset: int = 0, causal_chunk: int = 0,
+    q_BLHD: torch.Tensor, k_BSHD: torch.Tensor, *, topk: int | None = None, block_q: int = 64, block_k: int = 64,
+    sink_blocks: int = 1, q_offset: int = 0, causal_chunk: int = 0, sparsity: float | None = None,
 ) -> BlockSparseLayout:
     """Per (batch, head, q-block): the diagonal and sink blocks, then the highest-scoring admissible
-    blocks until ``topk`` blocks are kept (more only when the forced blocks alone exceed ``topk``)."""
-    if topk < 1:
+    blocks until ``topk`` blocks are kept (more only when the forced blocks alone exceed ``topk``).
+
+    ``sparsity`` instead of ``topk`` (VSA-style): each q-block keeps ``ceil((1 - sparsity) n)`` of
+    its ``n`` admissible blocks, so the ratio holds while a cache fills and across causal rows."""
+    if (topk is None) == (sparsity is None):
+        raise ValueError("pass exactly one of topk (blocks kept) and sparsity (fraction dropped)")
+    if topk is not None and topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity is the fraction of blocks dropped, in [0, 1); got {sparsity}")
     L, S = q_BLHD.shape[1], k_BSHD.shape[1]
     with torch.no_grad():
         admissible, forced = _geometry(L, S, block_q, block_k, q_offset, causal_chunk, sink_blocks, q_BLHD.device)
         p_BHMN = _block_scores(q_BLHD, k_BSHD, block_q, block_k, admissible)
         rank = torch.where(forced, 2.0, p_BHMN).masked_fill(~admissible, -1.0)  # forced blocks rank first
         order = torch.argsort(rank, -1, descending=True)
-        keep_sorted = torch.arange(rank.shape[-1], device=rank.device) < topk
+        if sparsity is not None:  # per q-block budget (M, 1); float slack keeps exact ratios exact
+            k_M1 = torch.ceil((1.0 - sparsity) * admissible.sum(-1, keepdim=True) - 1e-6).clamp_min(1)
+            keep_sorted = torch.arange(rank.shape[-1], device=rank.device) < k_M1
+        else:
+            keep_sorted = torch.arange(rank.shape[-1], device=rank.device) < topk
         keep = torch.zeros_like(rank, dtype=torch.bool).scatter_(-1, order, keep_sorted.expand_as(rank))
         keep = (keep | forced) & admissible
     return BlockSparseLayout.from_block_mask(keep, L, S, block_q, block_k, q_offset, causal_chunk)
@@ -386,12 +397,15 @@ def sparse_attention(
 class BlockSparseConfig:
     """How self-attention is sparsified (one per model; ``None`` on the model means dense)."""
 
-    mode: Literal["adaptive", "topk", "window"] = "adaptive"
-    """Mask producer: ``adaptive`` (cumulative mass ``tau``), ``topk`` (``topk`` blocks), ``window``."""
+    mode: Literal["adaptive", "topk", "sparsity", "window"] = "adaptive"
+    """Mask producer: ``adaptive`` (cumulative mass ``tau``), ``topk`` (``topk`` blocks), ``sparsity``
+    (top blocks, a fixed fraction ``sparsity`` of each q-block's admissible blocks dropped), ``window``."""
     tau: float = 0.9
     """adaptive: attention mass to keep per q-block, in (0, 1]."""
     topk: int = 8
     """topk: kv blocks kept per q-block."""
+    sparsity: float = 0.75
+    """sparsity: fraction of admissible kv blocks dropped per q-block, in [0, 1)."""
     window_blocks: int = 2
     """window: kv blocks kept on each side of the diagonal."""
     sink_blocks: int = 1
@@ -401,8 +415,10 @@ class BlockSparseConfig:
     backend: SparseBackend = "auto"
 
     def __post_init__(self) -> None:
-        if self.mode not in ("adaptive", "topk", "window"):
-            raise ValueError(f"sparse mode must be 'adaptive', 'topk' or 'window', got {self.mode!r}")
+        if self.mode not in ("adaptive", "topk", "sparsity", "window"):
+            raise ValueError(f"sparse mode must be 'adaptive', 'topk', 'sparsity' or 'window', got {self.mode!r}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity is the fraction of blocks dropped, in [0, 1); got {self.sparsity}")
         if not 0.0 < self.tau <= 1.0:
             raise ValueError(f"tau must be in (0, 1], got {self.tau}")
         if self.topk < 1 or self.window_blocks < 0 or self.sink_blocks < 0:
@@ -418,6 +434,8 @@ class BlockSparseConfig:
             return adaptive_layout(q_BLHD, k_BSHD, tau=self.tau, **common)
         if self.mode == "topk":
             return topk_layout(q_BLHD, k_BSHD, topk=self.topk, **common)
+        if self.mode == "sparsity":
+            return topk_layout(q_BLHD, k_BSHD, sparsity=self.sparsity, **common)
         return window_layout(q_BLHD.shape[1], k_BSHD.shape[1], window_blocks=self.window_blocks,
                              device=q_BLHD.device, **common)
 

@@ -265,6 +265,26 @@ def random_actions(rng: np.random.Generator, num_frames: int) -> np.ndarray:
     return actions
 
 
+def tethered_actions(rng: np.random.Generator, num_frames: int, world: ToyWorldConfig) -> np.ndarray:
+    """Piecewise-constant random moves; a move that would take the camera more than half a frame
+    from its start is replaced by the move back towards it."""
+    limit = world.frame_size // 2
+    base = random_actions(rng, num_frames)
+    out = np.zeros(num_frames, dtype=np.int64)
+    pos = np.zeros(2, dtype=np.int64)
+    back = {(0, 1): 1, (0, -1): 2, (1, 1): 3, (1, -1): 4}  # (axis, sign of offset) -> move towards 0
+    for t in range(1, num_frames):
+        a = int(base[t])
+        delta = ACTION_DELTAS[a] * world.speed_px
+        if np.abs(pos + delta).max() > limit:
+            axis = int(np.argmax(np.abs(pos)))
+            a = back[(axis, int(np.sign(pos[axis])))]
+            delta = ACTION_DELTAS[a] * world.speed_px
+        pos += delta
+        out[t] = a
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Map construction
 # ---------------------------------------------------------------------------------------------

@@ -74,12 +74,13 @@ def sample_levels(B: int, num_f: int, gen: torch.Generator, shift: float, s_min:
 
 def dmd_loss(
     x0_student: torch.Tensor, teacher: WorldModel, critic: WorldModel, context_2B: torch.Tensor, actions_2B: torch.Tensor,
-    s_BF: torch.Tensor, noise: torch.Tensor, teacher_guidance: float,
+    s_BF: torch.Tensor, noise: torch.Tensor, teacher_guidance: float, anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """DMD generator loss on a batch of student clips (gradient flows into ``x0_student`` only).
 
     ``context_2B`` / ``actions_2B``: conditional rows then unconditional rows (empty prompt, null
-    actions) for the teacher's CFG; the critic uses the conditional half.
+    actions) for the teacher's CFG; the critic uses the conditional half. ``anchor``: the stream's
+    first frame for clips that are windows of longer rollouts (``DiT.forward``), ``B`` rows.
     """
     B, num_f = s_BF.shape
     with torch.no_grad():
@@ -87,8 +88,10 @@ def dmd_loss(
         x_s = (1 - _bcast(s_BF)) * x + _bcast(s_BF) * noise
         t = 1000.0 * s_BF
         rows = 2 if teacher_guidance != 1.0 else 1
-        v_real = guided(teacher.dit(x_s.repeat(rows, 1, 1, 1, 1), t.repeat(rows, 1), context_2B[: rows * B], actions_2B[: rows * B]), B, teacher_guidance)
-        v_fake = critic.dit(x_s, t, context_2B[:B], actions_2B[:B])
+        anchor_rows = None if anchor is None else (anchor[0].repeat(rows, 1, 1, 1), anchor[1].repeat(rows, 1))
+        v_real = guided(teacher.dit(x_s.repeat(rows, 1, 1, 1, 1), t.repeat(rows, 1), context_2B[: rows * B], actions_2B[: rows * B],
+                                    anchor=anchor_rows), B, teacher_guidance)
+        v_fake = critic.dit(x_s, t, context_2B[:B], actions_2B[:B], anchor=anchor)
         x0_real = x_s - _bcast(s_BF) * v_real
         x0_fake = x_s - _bcast(s_BF) * v_fake
         norm = (x - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
@@ -101,12 +104,13 @@ def dmd_loss(
 
 def critic_loss(
     critic: WorldModel, x0_student: torch.Tensor, context_B: torch.Tensor, actions_B: torch.Tensor, s_BF: torch.Tensor,
-    noise: torch.Tensor,
+    noise: torch.Tensor, anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Flow matching of the fake-score critic on (detached) student samples."""
+    """Flow matching of the fake-score critic on (detached) student samples (``anchor`` as in
+    ``dmd_loss``)."""
     x = x0_student.detach()
     x_s = (1 - _bcast(s_BF)) * x + _bcast(s_BF) * noise
-    v = critic.dit(x_s, 1000.0 * s_BF, context_B, actions_B)
+    v = critic.dit(x_s, 1000.0 * s_BF, context_B, actions_B, anchor=anchor)
     weight_BF = torch.ones_like(s_BF)
     weight_BF[:, 0] = 0.0
     return weighted_mse(v, noise - x, weight_BF)

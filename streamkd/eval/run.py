@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streamkd.data.toyworld import ACTION_DELTAS, ToyWorldConfig, heldout_seed, prompt_for_seed, random_actions, render
+from streamkd.data.toyworld import ToyWorldConfig, heldout_seed, prompt_for_seed, random_actions, render, tethered_actions
 from streamkd.eval.metrics import action_error_px, ceiling_frames, floor_frames, known_mask
 from streamkd.eval.prompt_classifier import PromptClassifier
 from streamkd.generate import generate_frames
@@ -48,26 +48,6 @@ def heldout_episode(index: int, num_frames: int, world: ToyWorldConfig, tethered
     rng = np.random.default_rng(seed)
     actions = tethered_actions(rng, num_frames, world) if tethered else random_actions(rng, num_frames)
     return Episode(seed, prompt, actions, render(seed, prompt, actions, num_frames, world))
-
-
-def tethered_actions(rng: np.random.Generator, num_frames: int, world: ToyWorldConfig) -> np.ndarray:
-    """Piecewise-constant random moves; a move that would take the camera more than half a frame
-    from its start is replaced by the move back towards it."""
-    limit = world.frame_size // 2
-    base = random_actions(rng, num_frames)
-    out = np.zeros(num_frames, dtype=np.int64)
-    pos = np.zeros(2, dtype=np.int64)
-    back = {(0, 1): 1, (0, -1): 2, (1, 1): 3, (1, -1): 4}  # (axis, sign of offset) -> move towards 0
-    for t in range(1, num_frames):
-        a = int(base[t])
-        delta = ACTION_DELTAS[a] * world.speed_px
-        if np.abs(pos + delta).max() > limit:
-            axis = int(np.argmax(np.abs(pos)))
-            a = back[(axis, int(np.sign(pos[axis])))]
-            delta = ACTION_DELTAS[a] * world.speed_px
-        pos += delta
-        out[t] = a
-    return out
 
 
 def score(frames: np.ndarray, ep: Episode, world: ToyWorldConfig) -> dict[str, float]:

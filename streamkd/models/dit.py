@@ -357,16 +357,20 @@ class DiT(nn.Module):
 
     def _anchor_condition(
         self, x_BCFHW: torch.Tensor, t_BF: torch.Tensor, actions_BF: torch.Tensor | None, camera_BF2: torch.Tensor,
-        cache: KVCache | None, write_cache: bool,
+        cache: KVCache | None, write_cache: bool, anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``(B, C + 1, F, H, W)``: the anchor latent shifted into each frame's view, and the mask of
         latent pixels it covers. The anchor is frame 0 when it is given clean (t = 0); in cached
-        mode, once written, it is the cache's sink frame 0. Frames whose camera is unknown (a null
-        action at or before them: CFG's unconditional rows) get a zero mask."""
+        mode, once written, it is the cache's sink frame 0; ``anchor`` overrides both (see
+        ``forward``). Frames whose camera is unknown (a null action at or before them: CFG's
+        unconditional rows) get a zero mask."""
         B, C, num_f, H, W = x_BCFHW.shape
         dev = x_BCFHW.device
         streaming_on = cache is not None and cache.frames_written > 0
-        if streaming_on:
+        if anchor is not None:
+            anchor_BCHW, anchor_cam_B2 = anchor
+            has_B = torch.ones(B, dtype=torch.bool, device=dev)
+        elif streaming_on:
             anchor_BCHW, anchor_cam_B2, has_B = cache.anchor_BCHW, cache.anchor_camera_B2, cache.anchor_valid_B
         else:
             anchor_BCHW, anchor_cam_B2, has_B = x_BCFHW[:, :, 0], camera_BF2[:, 0], t_BF[:, 0] == 0
@@ -427,11 +431,16 @@ class DiT(nn.Module):
         layout: CausalLayout | None = None,
         cache: KVCache | None = None,
         write_cache: bool = False,
+        anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict the flow-matching velocity ``noise - x0`` for every latent frame.
 
         ``t_BF``: per-frame timesteps in [0, 1000] (a ``(B,)`` tensor is broadcast over frames).
         ``actions_BF``: per-frame action ids, ``cfg.num_actions`` meaning "none given".
+        ``anchor`` (anchor_warp models, full-sequence calls): ``(latent (B, C, H, W), camera (B, 2))``
+        of the stream's first frame when this clip is a window far into the stream -- the camera in
+        this call's coordinates (``camera_offsets``: frame f sits at the summed shifts of actions
+        ``0..f``). Default: this clip's frame 0 when it is given clean.
         """
         cfg = self.cfg
         B, _, num_f, height, width = x_BCFHW.shape
@@ -444,6 +453,8 @@ class DiT(nn.Module):
             raise ValueError("pass either layout (full-sequence block-causal) or cache (streaming), not both")
         if write_cache and cache is None:
             raise ValueError("write_cache=True needs a cache to write into")
+        if anchor is not None and (cache is not None or not cfg.anchor_warp):
+            raise ValueError("anchor= is for full-sequence calls of anchor_warp models (a cache keeps its own anchor)")
         gf, gh, gw = num_f // pt, height // ph, width // pw
         if t_BF.ndim == 1:
             t_BF = t_BF[:, None].expand(B, gf)
@@ -454,7 +465,7 @@ class DiT(nn.Module):
         # 1. patch embedding (of the latents and, with anchor_warp, the shifted first frame + mask)
         x_in = x_BCFHW
         if cfg.anchor_warp:
-            x_in = torch.cat([x_BCFHW, self._anchor_condition(x_BCFHW, t_BF, actions_BF, camera_BF2, cache, write_cache)], 1)
+            x_in = torch.cat([x_BCFHW, self._anchor_condition(x_BCFHW, t_BF, actions_BF, camera_BF2, cache, write_cache, anchor)], 1)
         x_BLE = self.patch_embed(x_in).flatten(2).transpose(1, 2).contiguous()
         # 2. conditioning
         temb_BFE = self.time_embed(sinusoidal_embedding(t_BF, cfg.freq_dim).to(self.proj_out.weight.dtype))
