@@ -35,6 +35,15 @@ def test_offset_table_is_the_plain_table_at_shifted_positions() -> None:
     assert sin_FHWd.shape == cos_FHWd.shape
 
 
+def test_module_casts_keep_the_camera_frequencies_exact() -> None:
+    """``.to(bf16)`` must not round the float64 camera frequencies (nor the angle tables)."""
+    rope, cast = Rope3D(head_dim=24, max_len=64), Rope3D(head_dim=24, max_len=64).to(torch.bfloat16)
+    assert cast.inv_freq_h.dtype == cast.inv_freq_w.dtype == torch.float64
+    frames, camera = torch.tensor([0, 5]), torch.tensor([[[3, -7], [1000, 2]]])
+    for a, b in zip(rope.table(frames, 4, 5, camera), cast.table(frames, 4, 5, camera)):
+        assert torch.equal(a, b)
+
+
 def test_static_point_scores_like_the_same_position() -> None:
     """q of frame 1 at grid column c, k of frame 0 at grid column c+1, camera moved right by one
     token: the score equals that of an unmoved camera at the same grid column."""

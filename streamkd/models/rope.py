@@ -45,8 +45,12 @@ class Rope3D(nn.Module):
     def _apply(self, fn, recurse=True):
         # Module casts (.to(bf16), .half()) must not reach the angle tables: diffusers keeps Wan's
         # RoPE in fp32 too, and bf16 angles are off by ~1e-2 at large positions.
+        # (re-floating after the cast would keep the rounding: keep the fp32 originals instead). The
+        # float64 camera frequencies follow the module's device, so camera tables never copy them.
+        exact = (self.cos, self.sin, self.inv_freq_h, self.inv_freq_w)
         super()._apply(fn, recurse)
-        self.cos, self.sin = self.cos.float(), self.sin.float()
+        dev = self.cos.device
+        self.cos, self.sin, self.inv_freq_h, self.inv_freq_w = (t.to(dev) for t in exact)
         return self
 
     def table(
@@ -83,7 +87,7 @@ class Rope3D(nn.Module):
         cam = camera_BF2.to(torch.float64)
         rows_BFh = cam[..., 0:1] + torch.arange(grid_h, dtype=torch.float64, device=dev)  # (B, F, gh)
         cols_BFw = cam[..., 1:2] + torch.arange(grid_w, dtype=torch.float64, device=dev)  # (B, F, gw)
-        ang_h = rows_BFh[..., None] * self.inv_freq_h.to(dev)  # (B, F, gh, fh)
+        ang_h = rows_BFh[..., None] * self.inv_freq_h.to(dev)  # (B, F, gh, fh); no-op once moved with the module
         ang_w = cols_BFw[..., None] * self.inv_freq_w.to(dev)  # (B, F, gw, fw)
         out = []
         for fn, full in ((torch.cos, self.cos), (torch.sin, self.sin)):
