@@ -73,6 +73,8 @@ def test_student_matches_the_teacher(teacher: dict, student: dict) -> None:
     assert student["prompt_accuracy"] >= 0.9
 
 
-@pytest.mark.xfail(strict=True, reason="250 DMD steps (50 student updates) do not beat ODE init on drift yet: README")
 def test_self_forcing_drifts_less_than_ode_init(student: dict, student_ode: dict) -> None:
-    assert student["drift_psnr"]["10x"] > student_ode["drift_psnr"]["10x"], (student, student_ode)
+    """Issue target (Self-Forcing's exposure-bias result): at 10x the teacher's horizon the
+    self-forcing student, trained on its own long rollouts, stays closer to the ground truth than
+    the ODE-init student it started from (README: 20.63 vs 17.55 dB over 8 episodes)."""
+    assert student["drift_psnr"]["10x"] > student_ode["drift_psnr"]["10x"] + 1.0, (student, student_ode)
