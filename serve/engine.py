@@ -28,6 +28,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import torch
 
 from streamkd.serve.backends import StreamSpec
 from streamkd.serve.protocol import CloseCode, ErrorCode, FrameFlags
@@ -47,12 +48,15 @@ class EngineConfig:
     """How far ahead of its presentation time a chunk may be generated (bounds action latency)."""
     batch_slack: float = 0.5
     """Sessions due within this fraction of a chunk join the batch of the first due session."""
+    threads: int = 0
+    """torch intra-op threads of the worker (0: the creating thread's count). The worker sets its
+    own: OpenMP thread counts are per calling thread."""
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1 or self.max_batch < 1 or self.outbox_chunks < 1:
             raise ValueError("max_sessions, max_batch and outbox_chunks must be >= 1")
-        if self.lead_chunks < 0 or self.batch_slack < 0:
-            raise ValueError("lead_chunks and batch_slack must be >= 0")
+        if self.lead_chunks < 0 or self.batch_slack < 0 or self.threads < 0:
+            raise ValueError("lead_chunks, batch_slack and threads must be >= 0")
 
 
 class EngineFull(RuntimeError):
@@ -173,6 +177,7 @@ class Engine:
         self._stopping = False
         self.forwards = 0
         self.chunks = 0
+        self.threads = self.cfg.threads or torch.get_num_threads()
         self._thread = threading.Thread(target=self._run, name="streamkd-engine", daemon=True)
         self._thread.start()
 
@@ -263,6 +268,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------ worker thread
     def _run(self) -> None:
+        torch.set_num_threads(self.threads)
         while True:
             with self._cond:
                 if self._stopping:

@@ -549,3 +549,34 @@ def test_world_oracle_moves_with_actions() -> None:
         np.testing.assert_array_equal(b[:, :-s], a[:, s:])  # camera right: content moves left
     np.testing.assert_array_equal(first[0], backend.world_first_frame(3, PROMPT))
 
+
+
+def test_engine_worker_sets_its_own_thread_count() -> None:
+    """OpenMP thread counts are per calling thread: the worker sets the configured count for
+    itself (``streamkd serve`` keeps the main thread at one so no second OpenMP team throttles the
+    worker's; see cmd_serve), and 0 takes the creating thread's count."""
+    from streamkd.serve.engine import Engine
+
+    class Recording(WorldOracleBackend):
+        seen: list[int] = []
+
+        def step(self, streams, actions):
+            self.seen.append(torch.get_num_threads())
+            return super().step(streams, actions)
+
+    for threads, expected in ((1, 1), (0, torch.get_num_threads())):
+        backend = Recording(WORLD, chunk_frames=2)
+        backend.seen = []
+        engine = Engine(backend, EngineConfig(threads=threads))
+        try:
+            session = engine.open_session(lambda: None)
+            engine.start(session, StreamSpec(PROMPT, 3, "world"), fps=240.0)
+            for _ in range(200):
+                if backend.seen:
+                    break
+                threading.Event().wait(0.01)
+            assert backend.seen and set(backend.seen) == {expected}, (threads, backend.seen)
+        finally:
+            engine.shutdown()
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        EngineConfig(threads=-1)
