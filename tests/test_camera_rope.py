@@ -172,6 +172,8 @@ def test_anchor_override_gives_a_late_window_the_streams_first_frame() -> None:
     cache = dit.new_cache(batch_size=2, height=8, width=8, sink_frames=1, window_frames=3, chunk_frames=3)
     with pytest.raises(ValueError, match="anchor= is for full-sequence calls"):
         dit(z[:, :, :3], t[:, :3], torch.zeros(2, 4, 8), a[:, :3], cache=cache, anchor=anchor)
+    with pytest.raises(ValueError, match=r"anchor must be \(latent \(2, 24, 8, 8\), camera \(2, 2\)\)"):
+        dit(z[:, :, ws:], t[:, ws:], torch.zeros(2, 4, 8), wa, anchor=(anchor[0][:1], anchor[1]))
 
 
 def test_anchor_warp_needs_camera_shifts() -> None:

@@ -151,6 +151,12 @@ def test_long_rollout_teacher_sees_the_streams_first_frame(anchor_teacher_dir: P
                                        window_anchor="window"))._stream_anchor(batch, 4) is None
 
 
+@pytest.mark.parametrize("change", [{"rollout_actions": "circle"}, {"window_anchor": "last"}])
+def test_bad_rollout_options(teacher_dir: Path, tmp_path: Path, change: dict) -> None:
+    with pytest.raises(ValueError, match="rollout_actions must be 'random' or 'tethered'.*window_anchor"):
+        _distill_cfg(teacher_dir, tmp_path, **change)
+
+
 @pytest.mark.parametrize("frames, match", [(3, "multiple of causal.chunk_frames"), (2, "shorter than the teacher's horizon")])
 def test_bad_rollout_frames(teacher_dir: Path, tmp_path: Path, frames: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -453,8 +453,13 @@ class DiT(nn.Module):
             raise ValueError("pass either layout (full-sequence block-causal) or cache (streaming), not both")
         if write_cache and cache is None:
             raise ValueError("write_cache=True needs a cache to write into")
-        if anchor is not None and (cache is not None or not cfg.anchor_warp):
-            raise ValueError("anchor= is for full-sequence calls of anchor_warp models (a cache keeps its own anchor)")
+        if anchor is not None:
+            if cache is not None or not cfg.anchor_warp:
+                raise ValueError("anchor= is for full-sequence calls of anchor_warp models (a cache keeps its own anchor)")
+            want = ((B, x_BCFHW.shape[1], height, width), (B, 2))
+            if tuple(anchor[0].shape) != want[0] or tuple(anchor[1].shape) != want[1]:
+                raise ValueError(f"anchor must be (latent {want[0]}, camera {want[1]}), got "
+                                 f"({tuple(anchor[0].shape)}, {tuple(anchor[1].shape)})")
         gf, gh, gw = num_f // pt, height // ph, width // pw
         if t_BF.ndim == 1:
             t_BF = t_BF[:, None].expand(B, gf)
