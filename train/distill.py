@@ -79,7 +79,8 @@ class DistillConfig:
     """dmd: frames the student rolls out per clip (0 = the teacher's horizon). Longer rollouts
     (long-horizon tuning, as in Self-Forcing++ / LongLive) run the early chunks without a graph and
     apply DMD to the last horizon-long window, whose first frame conditions the teacher as a given
-    frame: the student learns from the states its own long rollouts reach, at flat memory."""
+    frame (its anchor: ``window_anchor``): the student learns from the states its own long rollouts
+    reach, at flat memory."""
     rollout_actions: Literal["random", "tethered"] = "random"
     """dmd: the rollouts' camera moves. random: the toy world's piecewise-constant moves (the
     camera wanders off); tethered: the same moves turned back half a frame from the start, so the
