@@ -286,6 +286,17 @@ _GATHER_BUDGET_BYTES = 64 * 2**20  # autograd: gathered k/v per chunk
 _INFER_CHUNK_BYTES = 2 * 2**20  # inference: gathered k (and v) per chunk, reused
 
 
+def _head_major(x_BLHD: torch.Tensor, length: int) -> torch.Tensor:
+    """``(B, H, length, D)`` contiguous, zero-padded past ``L``: one copy (``F.pad`` of the
+    transposed view would make two)."""
+    B, L, H, D = x_BLHD.shape
+    if length == L:
+        return x_BLHD.transpose(1, 2).contiguous()
+    out = x_BLHD.new_zeros(B, H, length, D)
+    out[:, :, :L].copy_(x_BLHD.transpose(1, 2))
+    return out
+
+
 def torch_block_sparse(
     q_BLHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor, layout: BlockSparseLayout,
     scale: float | None = None,
@@ -310,9 +321,9 @@ def torch_block_sparse(
     need_mask = bool((count_BHM != kmax).any()) or S % bk != 0 or C > 0
 
     # (B*H*M, bq, D) query blocks and (B*H*N, bk*D) key/value blocks, tails zero-padded
-    q_blocks = F.pad(q_BLHD.transpose(1, 2), (0, 0, 0, M * bq - L)).reshape(B * H * M, bq, D)
-    k_blocks = F.pad(k_BSHD.transpose(1, 2), (0, 0, 0, N * bk - S)).reshape(B * H * N, bk * D)
-    v_blocks = F.pad(v_BSHD.transpose(1, 2), (0, 0, 0, N * bk - S)).reshape(B * H * N, bk * D)
+    q_blocks = _head_major(q_BLHD, M * bq).view(B * H * M, bq, D)
+    k_blocks = _head_major(k_BSHD, N * bk).view(B * H * N, bk * D)
+    v_blocks = _head_major(v_BSHD, N * bk).view(B * H * N, bk * D)
     bh_base = (torch.arange(B * H, device=q_BLHD.device) * N).view(B, H, 1, 1)
     flat_index = torch.where(live_BHMK, index_BHMK, 0) + bh_base  # dead slots read block 0, masked below
     flat_index = flat_index.reshape(B * H * M, kmax)
