@@ -86,14 +86,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     t = torch.full((1,), 500.0, device=dev)
     ctx = torch.randn(1, args.prompt_tokens, cfg.text_dim, device=dev, dtype=dtype)
     L = args.frames * (h // 2) * (w // 2)
-    q = torch.randn(1, cfg.num_heads, L, cfg.head_dim, device=dev, dtype=dtype)
+    q, k, v = (torch.randn(1, cfg.num_heads, L, cfg.head_dim, device=dev, dtype=dtype) for _ in range(3))
 
     def step():
         with torch.inference_mode():
             dit(x, t, ctx)
 
     with torch.inference_mode():
-        attn = _best(lambda: F.scaled_dot_product_attention(q, q, q), args.repeats, sync) * args.layers
+        attn = _best(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats, sync) * args.layers
     dit.cfg = replace(cfg, sparse=None)
     dense = _best(step, args.repeats, sync)
     print(f"Wan2.1-1.3B-shaped DiT, {args.layers} of 30 blocks, L={L} tokens ({args.frames}x{h // 2}x{w // 2}), "
