@@ -58,6 +58,7 @@ def _sampling(args, model):
 
 
 def cmd_train(args) -> None:
+    from streamkd import distributed
     from streamkd.config import load_config
 
     if args.what == "teacher":
@@ -65,9 +66,11 @@ def cmd_train(args) -> None:
 
         cfg = load_config(TeacherTrainConfig, args.config, args.overrides)
         TeacherTrainer(cfg).train(progress=not args.no_progress)
+        distributed.shutdown()
 
 
 def cmd_distill(args) -> None:
+    from streamkd import distributed
     from streamkd.config import load_config
 
     if args.what == "ode-pairs":
@@ -80,6 +83,7 @@ def cmd_distill(args) -> None:
 
         cfg = load_config(DistillConfig, args.config, args.overrides)
         DistillTrainer(cfg).train(progress=not args.no_progress)
+        distributed.shutdown()
         print(f"student: {cfg.out_dir}/final")
 
 

@@ -67,6 +67,15 @@ def init() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size())
 
 
+def shutdown() -> None:
+    """Leave the process group (no-op outside torchrun). Called when a launched job ends: a group
+    left to interpreter teardown can abort the process ("terminate called without an active
+    exception") after all work succeeded, which torchrun reports as a failed rank."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def parallelize(model: torch.nn.Module, engine: str = "fsdp2") -> None:
     """Shard ``model`` (a WorldModel) in place. Call before creating its optimizer."""
     if engine != "fsdp2":
