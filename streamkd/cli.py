@@ -200,21 +200,25 @@ def cmd_bench(args) -> None:
 def cmd_serve(args) -> None:
     import os
 
+    import torch
+
     from streamkd.serve.engine import EngineConfig
     from streamkd.serve.server import ServerConfig, run
 
-    import torch
-
+    threads = args.threads or torch.get_num_threads()
+    engine = EngineConfig(max_sessions=args.max_sessions, max_batch=args.max_batch, threads=threads)
+    cfg = ServerConfig(host=args.host, port=args.port, token=args.token or os.environ.get("STREAMKD_TOKEN"),
+                       origins=tuple(args.origins), idle_timeout_s=args.idle_timeout, engine=engine)
     # All model work runs on the engine's worker thread, with ``threads`` OpenMP threads. The main
     # thread (model loading, the event loop) keeps one: an OpenMP team formed on it stays alive,
     # and with more OpenMP threads than cores libgomp stops spin-waiting, so every small parallel
     # op of the worker pays a futex wake-up (measured: ~1.7x slower chunks on 2 cores).
-    threads = args.threads or torch.get_num_threads()
+    previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    engine = EngineConfig(max_sessions=args.max_sessions, max_batch=args.max_batch, threads=threads)
-    cfg = ServerConfig(host=args.host, port=args.port, token=args.token or os.environ.get("STREAMKD_TOKEN"),
-                       origins=tuple(args.origins), idle_timeout_s=args.idle_timeout, engine=engine)
-    run(cfg, args.checkpoint, oracle=args.world_oracle)
+    try:
+        run(cfg, args.checkpoint, oracle=args.world_oracle)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def cmd_client(args) -> None:
