@@ -32,6 +32,45 @@ INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") els
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """``a @ b`` accumulated in fp32; IEEE-exact fp32 products when ``IEEE`` (fp32 tests)."""
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _load_tile(ptr, rows, row_stride, offs_d, row_ok, UPCAST: tl.constexpr):
+    """The ``(len(rows), HEAD_D)`` tile of token rows ``rows`` (zeros where not ``row_ok``), in fp32
+    when ``UPCAST``."""
+    tile = tl.load(ptr + rows[:, None] * row_stride + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _visible(ok, q_tok, k_tok, q_offset, causal_chunk, CAUSAL: tl.constexpr):
+    """``ok``, and with ``CAUSAL`` the block-causal rule for query ``q_tok`` / key ``k_tok`` (any
+    broadcastable shapes: the dK/dV pass works on transposed tiles)."""
+    if CAUSAL:
+        ok = ok & ((k_tok // causal_chunk) <= ((q_tok + q_offset) // causal_chunk))
+    return ok
+
+
+@triton.jit
+def _row_stats(Lse, Delta, base, offs_m, row_ok):
+    """LSE and delta of the query rows ``offs_m`` for a backward pass. Empty rows (LSE -inf) must
+    give p = 0: their LSE becomes +inf. Natural exp throughout: at large logits the extra log2e
+    rescaling of s and LSE costs fp32 digits that dq/dk would inherit."""
+    lse = tl.load(Lse + base + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + base + offs_m, mask=row_ok, other=0.0)
+    return tl.where(lse == float("-inf"), float("inf"), lse), delta
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, Out, Lse, KVCount, KVIndex,
     sqb, sql, sqh, skb, sks, skh, svb, svs, svh, sob, sol, soh, slb, slh,
@@ -49,9 +88,7 @@ def _fwd_kernel(
     offs_d = tl.arange(0, HEAD_D)
     row_ok = offs_m < L
 
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, sql, offs_d, row_ok, UPCAST)
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, HEAD_D], tl.float32)
@@ -62,22 +99,14 @@ def _fwd_kernel(
         j = tl.load(idx_ptr + it)
         offs_s = j * BLOCK_K + offs_n
         col_ok = offs_s < S
-        k = tl.load(K + b * skb + h * skh + offs_s[:, None] * sks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs_s[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        k = _load_tile(K + b * skb + h * skh, offs_s, sks, offs_d, col_ok, UPCAST)
+        v = _load_tile(V + b * svb + h * svh, offs_s, svs, offs_d, col_ok, UPCAST)
         # natural-log domain, the same rounding as the backward's recomputation exp(s * scale - lse):
         # with exp2 the log2e rescaling makes forward LSE and backward logits disagree by an ulp of
         # the logit, which at large logits (input scale 16) is a 1e-4 relative error in dq/dk
-        s = s * scale
-        valid = col_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            valid = valid & ((offs_s[None, :] // causal_chunk) <= ((offs_m[:, None] + q_offset) // causal_chunk))
+        s = _dot(q, tl.trans(k), IEEE) * scale
+        valid = _visible(col_ok[None, :] & row_ok[:, None], offs_m[:, None], offs_s[None, :], q_offset, causal_chunk,
+                         CAUSAL)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with nothing valid yet keeps m = -inf; subtract 0 instead so exp gives 0, not NaN
@@ -85,10 +114,7 @@ def _fwd_kernel(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
 
     empty = l_i == 0.0
@@ -117,16 +143,9 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, HEAD_D)
     row_ok = offs_m < L
 
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse = tl.load(Lse + b * slb + h * slh + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
-    # empty rows (LSE -inf) must give p = 0: subtract +inf instead. Natural exp here: at large
-    # logits the extra log2e rescaling of s and LSE costs fp32 digits that dq/dk would inherit.
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, sql, offs_d, row_ok, UPCAST)
+    do = _load_tile(DO + b * sdob + h * sdoh, offs_m, sdol, offs_d, row_ok, UPCAST)
+    lse, delta = _row_stats(Lse, Delta, b * slb + h * slh, offs_m, row_ok)
     dq = tl.zeros([BLOCK_Q, HEAD_D], tl.float32)
 
     count = tl.load(KVCount + b * scb + h * sch + pid_m)
@@ -135,26 +154,15 @@ def _bwd_dq_kernel(
         j = tl.load(idx_ptr + it)
         offs_s = j * BLOCK_K + offs_n
         col_ok = offs_s < S
-        k = tl.load(K + b * skb + h * skh + offs_s[:, None] * sks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs_s[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-            dp = tl.dot(do, tl.trans(v))
-        valid = col_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            valid = valid & ((offs_s[None, :] // causal_chunk) <= ((offs_m[:, None] + q_offset) // causal_chunk))
+        k = _load_tile(K + b * skb + h * skh, offs_s, sks, offs_d, col_ok, UPCAST)
+        v = _load_tile(V + b * svb + h * svh, offs_s, svs, offs_d, col_ok, UPCAST)
+        s = _dot(q, tl.trans(k), IEEE)
+        dp = _dot(do, tl.trans(v), IEEE)
+        valid = _visible(col_ok[None, :] & row_ok[:, None], offs_m[:, None], offs_s[None, :], q_offset, causal_chunk,
+                         CAUSAL)
         p = tl.where(valid, tl.exp(s * scale - lse[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
-        if IEEE:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
+        dq += _dot(ds.to(k.dtype), k, IEEE)
     dq = dq * scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdql + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
@@ -178,11 +186,8 @@ def _bwd_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_D)
     col_ok = offs_s < S
 
-    k = tl.load(K + b * skb + h * skh + offs_s[:, None] * sks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_s[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_tile(K + b * skb + h * skh, offs_s, sks, offs_d, col_ok, UPCAST)
+    v = _load_tile(V + b * svb + h * svh, offs_s, svs, offs_d, col_ok, UPCAST)
     dk = tl.zeros([BLOCK_K, HEAD_D], tl.float32)
     dv = tl.zeros([BLOCK_K, HEAD_D], tl.float32)
 
@@ -192,33 +197,18 @@ def _bwd_dkdv_kernel(
         i = tl.load(idx_ptr + it)
         offs_m = i * BLOCK_Q + offs_r
         row_ok = offs_m < L
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :], mask=row_ok[:, None],
-                     other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        lse = tl.load(Lse + b * slb + h * slh + offs_m, mask=row_ok, other=float("inf"))
-        delta = tl.load(Delta + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        q = _load_tile(Q + b * sqb + h * sqh, offs_m, sql, offs_d, row_ok, UPCAST)
+        do = _load_tile(DO + b * sdob + h * sdoh, offs_m, sdol, offs_d, row_ok, UPCAST)
+        lse, delta = _row_stats(Lse, Delta, b * slb + h * slh, offs_m, row_ok)
         # transposed tiles: rows are keys, columns are queries
-        if IEEE:
-            st = tl.dot(k, tl.trans(q), input_precision="ieee")
-            dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
-        else:
-            st = tl.dot(k, tl.trans(q))
-            dpt = tl.dot(v, tl.trans(do))
-        valid = col_ok[:, None] & row_ok[None, :]
-        if CAUSAL:
-            valid = valid & ((offs_s[:, None] // causal_chunk) <= ((offs_m[None, :] + q_offset) // causal_chunk))
+        st = _dot(k, tl.trans(q), IEEE)
+        dpt = _dot(v, tl.trans(do), IEEE)
+        valid = _visible(col_ok[:, None] & row_ok[None, :], offs_m[None, :], offs_s[:, None], q_offset, causal_chunk,
+                         CAUSAL)
         pt = tl.where(valid, tl.exp(st * scale - lse[None, :]), 0.0)
         dst = pt * (dpt - delta[None, :])
-        if IEEE:
-            dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
-            dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
-        else:
-            dv += tl.dot(pt.to(do.dtype), do)
-            dk += tl.dot(dst.to(q.dtype), q)
+        dv += _dot(pt.to(do.dtype), do, IEEE)
+        dk += _dot(dst.to(q.dtype), q, IEEE)
     dk = dk * scale
     tl.store(DK + b * sdkb + h * sdkh + offs_s[:, None] * sdks + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=col_ok[:, None])
