@@ -26,12 +26,17 @@ import torch.nn.functional as F
 from streamkd.attention.sparse import adaptive_layout, random_layout, torch_block_sparse
 
 
-def _best(fn, repeats: int) -> float:
+def best_time(fn, repeats: int, sync=None) -> float:
+    """Best wall time of ``repeats`` calls after one warm-up; ``sync`` (e.g. ``torch.cuda.synchronize``)
+    runs before the clock stops."""
+    sync = sync or (lambda: None)
     fn()
+    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -56,12 +61,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for L in args.lengths:
             q, k, v = (torch.randn(1, L, args.heads, args.head_dim, generator=g) for _ in range(3))
             qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-            dense = _best(lambda: F.scaled_dot_product_attention(qt, kt, vt), args.repeats)
+            dense = best_time(lambda: F.scaled_dot_product_attention(qt, kt, vt), args.repeats)
             for sp in args.sparsity:
                 layout = random_layout(L, L, 1 - sp, block_q=args.block, block_k=args.block, heads=args.heads,
                                        generator=g)
-                sparse = _best(lambda: torch_block_sparse(q, k, v, layout), args.repeats)
-                mask = _best(lambda: adaptive_layout(q, k, tau=1 - sp, block_q=args.block, block_k=args.block),
+                sparse = best_time(lambda: torch_block_sparse(q, k, v, layout), args.repeats)
+                mask = best_time(lambda: adaptive_layout(q, k, tau=1 - sp, block_q=args.block, block_k=args.block),
                              args.repeats)
                 kept = layout.density()
                 row = dict(L=L, sparsity=round(1 - kept, 4), dense_ms=dense * 1e3, sparse_ms=sparse * 1e3,

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from streamkd.attention.sparse import BlockSparseConfig
+from streamkd.kernels.bench import best_time
 from streamkd.models.dit import DiT, DiTConfig
 from streamkd.models.wan import dit_config_from_diffusers
 
@@ -46,18 +46,6 @@ WAN21_T2V_1_3B = {"_class_name": "WanTransformer3DModel", "num_attention_heads":
 def wan_1_3b_config(num_layers: int) -> DiTConfig:
     """Wan2.1-T2V-1.3B's transformer shape, through the same converter as real checkpoints, ``num_layers`` deep."""
     return replace(dit_config_from_diffusers(WAN21_T2V_1_3B), num_layers=num_layers)
-
-
-def _best(fn, repeats: int, sync) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -77,7 +65,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
     torch.manual_seed(0)
     cfg = wan_1_3b_config(args.layers)
     dit = DiT(cfg).to(dev, dtype).eval()
@@ -93,9 +81,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             dit(x, t, ctx)
 
     with torch.inference_mode():
-        attn = _best(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats, sync) * args.layers
+        attn = best_time(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats, sync) * args.layers
     dit.cfg = replace(cfg, sparse=None)
-    dense = _best(step, args.repeats, sync)
+    dense = best_time(step, args.repeats, sync)
     print(f"Wan2.1-1.3B-shaped DiT, {args.layers} of 30 blocks, L={L} tokens ({args.frames}x{h // 2}x{w // 2}), "
           f"{dtype}, {dev}, threads={torch.get_num_threads()}, block={args.block}")
     print(f"dense step {dense * 1e3:.0f} ms, of which dense attention {attn * 1e3:.0f} ms ({attn / dense:.0%})")
@@ -104,7 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for sp in args.sparsity:
         dit.cfg = replace(cfg, sparse=BlockSparseConfig(mode="sparsity", sparsity=sp, block_q=args.block,
                                                         block_k=args.block, sink_blocks=0))
-        sparse = _best(step, args.repeats, sync)
+        sparse = best_time(step, args.repeats, sync)
         ideal = dense / (dense - attn + (1 - sp) * attn)
         row = dict(L=L, layers=args.layers, sparsity=sp, dense_ms=dense * 1e3, attn_ms=attn * 1e3,
                    sparse_ms=sparse * 1e3, speedup=dense / sparse, ideal=ideal, of_ideal=dense / sparse / ideal)

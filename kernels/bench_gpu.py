@@ -63,11 +63,7 @@ def _flex_full_blocks(layout, B: int, H: int):
     """The layout as a flex ``BlockMask`` of full blocks (valid: block-aligned, no causal rule)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    M = layout.num_q_blocks
-    N = layout.num_kv_blocks
-    count = layout.kv_count.expand(B, H, M).contiguous()
-    index = torch.zeros(B, H, M, N, dtype=torch.int32, device=count.device)
-    index[..., : layout.kv_index.shape[-1]] = layout.kv_index
+    count, index = layout.flex_kv_lists(B, H)
     return BlockMask.from_kv_blocks(torch.zeros_like(count), index, full_kv_num_blocks=count, full_kv_indices=index,
                                     BLOCK_SIZE=(layout.block_q, layout.block_k), seq_lengths=(layout.q_len, layout.kv_len))
 

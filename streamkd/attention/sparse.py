@@ -123,17 +123,25 @@ class BlockSparseLayout:
         object.__setattr__(self, "validated", True)
 
     # ---- flex_attention interop
-    def to_flex_block_mask(self, batch: int | None = None, heads: int | None = None):
-        """A ``flex_attention`` ``BlockMask`` with the same blocks; ragged tails and the causal rule
-        become its ``mask_mod``. flex needs explicit batch/head sizes when this layout broadcasts."""
-        from torch.nn.attention.flex_attention import BlockMask
-
+    def flex_kv_lists(self, batch: int | None = None, heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(kv_count (B, H, M), kv_index (B, H, M, N))`` as flex_attention's ``BlockMask`` takes
+        them: explicit batch/head sizes (flex needs them when this layout broadcasts), every list
+        padded to all ``N`` kv blocks."""
         B = batch or self.kv_count.shape[0]
         H = heads or self.kv_count.shape[1]
         M, N = self.num_q_blocks, self.num_kv_blocks
         kv_count = self.kv_count.expand(B, H, M).contiguous()
         kv_index = torch.zeros(B, H, M, N, dtype=torch.int32, device=self.kv_index.device)
         kv_index[..., : self.kv_index.shape[-1]] = self.kv_index
+        return kv_count, kv_index
+
+    def to_flex_block_mask(self, batch: int | None = None, heads: int | None = None):
+        """A ``flex_attention`` ``BlockMask`` with the same blocks; ragged tails and the causal rule
+        become its ``mask_mod``."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        kv_count, kv_index = self.flex_kv_lists(batch, heads)
+        B, H, M, N = kv_index.shape
         L, S, off, C = self.q_len, self.kv_len, self.q_offset, self.causal_chunk
         bq, bk = self.block_q, self.block_k
         bmap = self.to_block_mask().expand(B, H, M, N)
@@ -240,11 +248,10 @@ def topk_layout(
         p_BHMN = _block_scores(q_BLHD, k_BSHD, block_q, block_k, admissible)
         rank = torch.where(forced, 2.0, p_BHMN).masked_fill(~admissible, -1.0)  # forced blocks rank first
         order = torch.argsort(rank, -1, descending=True)
+        budget = topk
         if sparsity is not None:  # per q-block budget (M, 1); float slack keeps exact ratios exact
-            k_M1 = torch.ceil((1.0 - sparsity) * admissible.sum(-1, keepdim=True) - 1e-6).clamp_min(1)
-            keep_sorted = torch.arange(rank.shape[-1], device=rank.device) < k_M1
-        else:
-            keep_sorted = torch.arange(rank.shape[-1], device=rank.device) < topk
+            budget = torch.ceil((1.0 - sparsity) * admissible.sum(-1, keepdim=True) - 1e-6).clamp_min(1)
+        keep_sorted = torch.arange(rank.shape[-1], device=rank.device) < budget
         keep = torch.zeros_like(rank, dtype=torch.bool).scatter_(-1, order, keep_sorted.expand_as(rank))
         keep = (keep | forced) & admissible
     return BlockSparseLayout.from_block_mask(keep, L, S, block_q, block_k, q_offset, causal_chunk)
