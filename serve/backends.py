@@ -229,7 +229,7 @@ class ModelBackend:
                 # continue from the camera that makes cumsum(shift) land on the stored offsets
                 cache.camera_last_B2.copy_(camera[:, start] - dit.action_shifts[a[:, 0]])
             dit(x, torch.zeros(halves, len(group)), gen.context, a if dit.action_embed is not None else None,
-                cache=cache, write_cache=True)
+                cache=cache, write_cache=True, output=False)
             start = end
 
 

@@ -74,3 +74,34 @@ def test_nbytes_counts_keys_and_values() -> None:
 def test_window_smaller_than_chunk_is_refused() -> None:
     with pytest.raises(ValueError, match="window_frames .* must be >= chunk_frames"):
         _cache(0, 2, 3)
+
+
+def test_attention_kv_reuses_rotated_cache_and_keeps_graphs_safe() -> None:
+    """Every pass of a chunk sees what re-rotating the cache and concatenating gives; a pass with
+    a graph gets fresh tensors, so a later no-grad pass writing the reused buffer in place cannot
+    break its backward; changing the contents drops the reused buffers."""
+    reuse, plain = _cache(2, 4, 2), KVCache(num_layers=2, batch_size=1, tokens_per_frame=T, num_heads=H, head_dim=D,
+                                            sink_frames=2, window_frames=4, chunk_frames=2, reuse_rotated=False)
+    for cache in (reuse, plain):
+        for q0 in range(0, 8, 2):
+            _write_chunk(cache, q0, 2)
+    calls = []
+
+    def rotate(k):  # stands in for RoPE: any deterministic function of the cached keys
+        calls.append(1)
+        return k * 2.0 + 1.0
+
+    for _ in range(3):  # three no-grad passes of one chunk
+        k_new, v_new = torch.randn(1, 2 * T, H, D), torch.randn(1, 2 * T, H, D)
+        got, want = reuse.attention_kv(0, k_new, v_new, rotate), plain.attention_kv(0, k_new, v_new, rotate)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert len(calls) == 1 + 3  # rotated once for the reusing cache, every pass for the other
+    k_grad = torch.randn(1, 2 * T, H, D, requires_grad=True)
+    k_all, _ = reuse.attention_kv(0, k_grad, torch.randn(1, 2 * T, H, D), rotate)
+    reuse.attention_kv(0, torch.zeros(1, 2 * T, H, D), torch.zeros(1, 2 * T, H, D), rotate)  # a later no-grad pass
+    (k_all ** 2).sum().backward()  # would raise if the buffer behind k_all had been written in place
+    assert torch.equal(k_grad.grad, 2 * k_grad.detach())
+    _write_chunk(reuse, 8, 2)
+    assert not reuse.derived
+    reuse.attention_kv(0, k_new, v_new, rotate)
+    assert len(calls) == 4 + 1  # the graph pass reused the rotation; the commit forced a fresh one

@@ -161,3 +161,31 @@ def test_bad_rollout_options(teacher_dir: Path, tmp_path: Path, change: dict) ->
 def test_bad_rollout_frames(teacher_dir: Path, tmp_path: Path, frames: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         DistillTrainer(_distill_cfg(teacher_dir, tmp_path, rollout_frames=frames))
+
+
+def test_depth_pruned_one_step_student_from_a_subset_of_the_ode_levels(teacher_dir: Path, tmp_path: Path) -> None:
+    """``student_layers`` keeps the named teacher blocks (renumbered, every other weight whole) and
+    the ODE init may train on a subset of the stored levels -- here one step, noise -> x0."""
+    generate_ode_pairs(_pairs_cfg(teacher_dir, tmp_path / "pairs"), progress=False)
+    teacher = WorldModel.load(teacher_dir)
+    assert teacher.cfg.dit.num_layers >= 2
+    keep = [teacher.cfg.dit.num_layers - 1, 0]
+    cfg = _distill_cfg(teacher_dir, tmp_path / "run", method="ode", ode_pairs=str(tmp_path / "pairs"), sigmas=[1.0],
+                       student_layers=keep)
+    trainer = DistillTrainer(cfg)
+    assert trainer.pair_levels == [0, 2]  # sigma 1.0 among [1.0, 0.5], then the end point
+    assert trainer.student.cfg.dit.num_layers == 2
+    t_sd, s_sd = teacher.state_dict(), trainer.student.state_dict()
+    for new, old in enumerate(keep):
+        for name in ("self_attn.to_q.weight", "ffn.fc2.bias", "modulation"):
+            assert torch.equal(s_sd[f"dit.blocks.{new}.{name}"], t_sd[f"dit.blocks.{old}.{name}"])
+    assert torch.equal(s_sd["dit.proj_out.weight"], t_sd["dit.proj_out.weight"])
+    trainer.train(progress=False)
+    student = WorldModel.load(tmp_path / "run" / "final")
+    assert student.cfg.dit.num_layers == 2 and student.cfg.sampling.sigmas == [1.0]
+    with pytest.raises(ValueError, match="names a block beyond"):
+        DistillTrainer(replace(cfg, out_dir=str(tmp_path / "bad"), student_layers=[0, 9]))
+    with pytest.raises(ValueError, match=r"config sigmas \[0.75\] are not among them"):
+        DistillTrainer(replace(cfg, out_dir=str(tmp_path / "bad"), sigmas=[1.0, 0.75]))
+    with pytest.raises(ValueError, match="distinct block indices"):
+        replace(cfg, student_layers=[1, 1])

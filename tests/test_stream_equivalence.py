@@ -83,6 +83,26 @@ def test_cached_chunks_equal_block_causal_forward(dit: DiT, chunk: int, sinks: i
         assert max(cache.slot_positions()) == sinks + window - 1
 
 
+def test_cache_writing_pass_without_output_stores_the_same_cache(dit: DiT) -> None:
+    """``output=False`` (the clean pass of streaming) stops the last block at its keys/values: the
+    cache must hold bit-for-bit what a full pass writes, and later chunks must read the same."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 4, 9, 4, 6, generator=gen)
+    ctx = torch.randn(1, 3, 8, generator=gen)
+    actions = torch.randint(0, 6, (1, 9), generator=gen)
+    caches = [dit.new_cache(batch_size=1, height=4, width=6, sink_frames=1, window_frames=3, chunk_frames=3) for _ in range(2)]
+    with torch.no_grad():
+        for q0 in range(0, 9, 3):
+            part = slice(q0, q0 + 3)
+            full = dit(x[:, :, part], torch.zeros(1, 3), ctx, actions[:, part], cache=caches[0], write_cache=True)
+            none = dit(x[:, :, part], torch.zeros(1, 3), ctx, actions[:, part], cache=caches[1], write_cache=True, output=False)
+            assert full is not None and none is None
+            assert torch.equal(caches[0].k_NBSHD, caches[1].k_NBSHD) and torch.equal(caches[0].v_NBSHD, caches[1].v_NBSHD)
+            assert torch.equal(caches[0].camera_BS2, caches[1].camera_BS2)
+    with pytest.raises(ValueError, match="only makes sense with write_cache"):
+        dit(x[:, :, :3], torch.zeros(1, 3), ctx, cache=caches[0], output=False)
+
+
 def test_read_only_pass_leaves_cache_untouched(dit: DiT) -> None:
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(1, 4, 3, 4, 6, generator=gen)

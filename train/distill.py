@@ -64,13 +64,23 @@ class DistillConfig:
     init: str | None = None
     """Student init checkpoint (the ODE-init student for dmd); None = the teacher's weights."""
     ode_pairs: str = "runs/ode_pairs"
-    """ODE-pair folder (method ode)."""
+    """ODE-pair folder (method ode; method dmd with ``ode_weight`` > 0)."""
+    ode_weight: float = 0.0
+    """dmd: weight of an ODE-regression term added to every student update (DMD, Yin et al. 2024,
+    eq. 9: the distribution-matching loss plus a regression loss on the teacher's own noise ->
+    sample pairs). It keeps a small or one-step student on the teacher's deterministic map while
+    DMD sharpens it; 0 is pure DMD."""
     out_dir: str = "runs/distill"
     """Run folder."""
     causal: CausalConfig = field(default_factory=CausalConfig)
     """Student chunking and KV cache."""
     sigmas: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
     """Student few-step noise levels (decreasing)."""
+    student_layers: list[int] | None = None
+    """Depth pruning: the student keeps these transformer blocks of the init checkpoint, in this
+    order (e.g. ``[0, 5]``: a 2-block student from a 6-block teacher, its first and last block; patch
+    embedding, conditioning and output head are kept whole). A cheaper pass is how a student gets
+    far more than steps-ratio faster than its teacher. None keeps every block."""
     student_sparse: BlockSparseConfig | None = None
     """Sparsity-aware distillation: the student's self-attention is block-sparse with this config
     (``streamkd.attention.sparse``) in its rollouts and its exported checkpoint; teacher and critic
@@ -139,6 +149,12 @@ class DistillConfig:
                 f"rollout_actions must be 'random' or 'tethered' (got {self.rollout_actions!r}) and window_anchor "
                 f"'stream' or 'window' (got {self.window_anchor!r})"
             )
+        if self.student_layers is not None and (
+            not self.student_layers or min(self.student_layers) < 0 or len(set(self.student_layers)) != len(self.student_layers)
+        ):
+            raise ValueError(f"student_layers must be distinct block indices >= 0, got {self.student_layers}; null keeps every block")
+        if self.ode_weight < 0:
+            raise ValueError(f"ode_weight must be >= 0 (0 disables the regression term), got {self.ode_weight}")
         if not 0 < self.dmd_s_min < self.dmd_s_max <= 1:
             raise ValueError(f"need 0 < dmd_s_min < dmd_s_max <= 1, got {self.dmd_s_min}, {self.dmd_s_max}")
 
@@ -160,6 +176,19 @@ def _check_fit(teacher: WorldModel, student: WorldModel, cfg: DistillConfig) -> 
         )
 
 
+def prune_blocks(state: dict[str, torch.Tensor], keep: list[int], num_layers: int) -> dict[str, torch.Tensor]:
+    """The state dict of a model that keeps blocks ``keep`` (renumbered ``0..len(keep)-1``) of a
+    ``num_layers``-block DiT; every other weight unchanged."""
+    if max(keep) >= num_layers:
+        raise ValueError(f"student_layers {keep} names a block beyond the init checkpoint's {num_layers} (0..{num_layers - 1})")
+    prefix = "dit.blocks."
+    out = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    for new, old in enumerate(keep):
+        src = f"{prefix}{old}."
+        out.update({f"{prefix}{new}.{k[len(src):]}": v for k, v in state.items() if k.startswith(src)})
+    return out
+
+
 RESUMABLE_CHANGES = ("max_steps", "log_every", "ckpt_every", "tensorboard", "threads", "parallel")
 """Config fields a resumed run may change."""
 
@@ -179,8 +208,12 @@ class DistillTrainer:
         )
         if cfg.student_sparse is not None:
             student_cfg = replace(student_cfg, dit=replace(student_cfg.dit, sparse=cfg.student_sparse))
+        init_sd = init.state_dict()
+        if cfg.student_layers is not None:
+            init_sd = prune_blocks(init_sd, cfg.student_layers, init.cfg.dit.num_layers)
+            student_cfg = replace(student_cfg, dit=replace(student_cfg.dit, num_layers=len(cfg.student_layers)))
         self.student = WorldModel(student_cfg)
-        self.student.load_state_dict(init.state_dict())
+        self.student.load_state_dict(init_sd)
         _check_fit(self.teacher, self.student, cfg)
         self.student.train()
         # the prompt encoder is the teacher's and stays frozen, as a real teacher's text encoder does
@@ -197,10 +230,15 @@ class DistillTrainer:
             self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0)
             self.rollout_frames = cfg.rollout_frames or self.teacher.cfg.horizon_frames
             self.data = ToyClipDataset(self.teacher.cfg.world, self.rollout_frames, base_seed=cfg.seed + 100)
-        else:
+        if cfg.method == "ode" or cfg.ode_weight > 0:
             self.pairs = ODEPairStore(cfg.ode_pairs)
-            if [round(s, 6) for s in self.pairs.keep_sigmas] != [round(s, 6) for s in cfg.sigmas]:
-                raise ValueError(f"ODE pairs were sampled at {self.pairs.keep_sigmas}, config sigmas are {cfg.sigmas}; regenerate or match them")
+            kept = [round(s, 6) for s in self.pairs.keep_sigmas]
+            missing = [s for s in cfg.sigmas if round(s, 6) not in kept]
+            if missing:
+                raise ValueError(f"ODE pairs were sampled at {self.pairs.keep_sigmas}; config sigmas {missing} are not among "
+                                 "them: use a subset of those levels or regenerate the pairs with keep_sigmas covering them")
+            # the student's levels among the stored ones, then the trajectory's end point
+            self.pair_levels = [kept.index(round(s, 6)) for s in cfg.sigmas] + [len(kept)]
         self.layout = CausalLayout(cfg.causal.chunk_frames, cfg.causal.sink_frames, cfg.causal.window_frames)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
@@ -240,14 +278,17 @@ class DistillTrainer:
         self.step = state["step"]
 
     # ---------------------------------------------------------------------------------- steps
-    def _ode_step(self) -> dict[str, float]:
+    def _ode_loss(self) -> torch.Tensor:
+        """ODE regression on this step's pairs (this rank's rows of the global batch)."""
         B = self.cfg.batch_size
         idx = [(self.step * B + i) % len(self.pairs) for i in range(B)][self.rows]
-        x_levels = self.pairs.latents[idx].float()
+        x_levels = self.pairs.latents[idx][:, self.pair_levels].float()
         context = self.student.encode_prompts([self.pairs.prompts[i] for i in idx])
-        loss = ode_regression_loss(self.student, self.layout, x_levels, self.cfg.sigmas, context, self.pairs.actions[idx],
+        return ode_regression_loss(self.student, self.layout, x_levels, self.cfg.sigmas, context, self.pairs.actions[idx],
                                    self.gen, (B, self.rows))
-        value = self._apply(loss, self.student, self.opt, "ode")
+
+    def _ode_step(self) -> dict[str, float]:
+        value = self._apply(self._ode_loss(), self.student, self.opt, "ode")
         update_ema(self.ema, self.student, self.cfg.ema_decay)
         return {"ode_loss": value}
 
@@ -289,6 +330,10 @@ class DistillTrainer:
         if train_student:
             s_BF, noise = self._levels_and_noise(x0.shape, num_f)
             loss_g, extra = dmd_loss(x0, self.teacher, self.critic, ctx, acts, s_BF, noise, cfg.teacher_guidance, anchor)
+            if cfg.ode_weight > 0:
+                loss_ode = self._ode_loss()
+                extra["ode_loss"] = self.dist.mean(loss_ode)
+                loss_g = loss_g + cfg.ode_weight * loss_ode
             stats["dmd_loss"] = self._apply(loss_g, self.student, self.opt, "dmd")
             update_ema(self.ema, self.student, self.cfg.ema_decay)
             stats.update(extra)

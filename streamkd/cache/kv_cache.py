@@ -17,10 +17,19 @@ While nothing has been evicted that is the absolute frame index; afterwards posi
 growing at ``sink_frames + window_frames + chunk_frames - 1``, so an unbounded stream never sees a
 position it was not trained on. Rotating cached keys at read time is an elementwise pass over the
 cache, far cheaper than the attention that follows.
+
+A chunk runs several passes (its denoising steps, then the clean pass) against the *same* cache
+contents, so ``attention_kv`` rotates the cached keys once per cache state and keeps them, with
+the cached values, in a per-layer buffer that has room for the chunk's own keys/values behind
+them: later passes copy only the chunk's tokens in, not the cache. The price is one more copy of
+the visible keys and values (``reuse_rotated=False`` trades it back for re-rotating every pass).
+Anything derived from the contents lives in ``derived`` and is dropped whenever they change
+(``commit``, ``reset``, ``restore``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +80,7 @@ class KVCache:
         chunk_frames: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        reuse_rotated: bool = True,
     ) -> None:
         if window_frames < chunk_frames:
             raise ValueError(
@@ -101,6 +111,10 @@ class KVCache:
         self.camera_known_B = torch.ones(batch_size, dtype=torch.bool, device=device)  # no null action yet
         self.frames_written = 0
         self._pending: int | None = None
+        self.reuse_rotated = reuse_rotated
+        self.derived: dict = {}
+        """Values computed from the current contents (RoPE tables of the cached frames, rotated
+        key/value buffers); cleared whenever the contents change."""
 
     # ----------------------------------------------------------------------------------- host side
     @property
@@ -148,6 +162,35 @@ class KVCache:
         n = self.num_filled * self.tokens_per_frame
         return self.k_NBSHD[layer, :, :n], self.v_NBSHD[layer, :, :n]
 
+    def attention_kv(
+        self, layer: int, k_BLHD: torch.Tensor, v_BLHD: torch.Tensor, rotate: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a chunk attends to at ``layer``: the cached keys, rotated by ``rotate`` (once per
+        cache state when ``reuse_rotated``), and values, followed by the chunk's own ``k``/``v``
+        (already rotated). ``(B, S + L, H, D)`` each.
+
+        Without autograd the result is the reused buffer itself (valid until the next call for this
+        layer); a pass that records a graph gets fresh tensors, so no later in-place write can touch
+        what its backward needs."""
+        kc_BSHD, vc_BSHD = self.read(layer)
+        if not self.reuse_rotated:
+            return torch.cat([rotate(kc_BSHD), k_BLHD], 1), torch.cat([vc_BSHD, v_BLHD], 1)
+        S, L = kc_BSHD.shape[1], k_BLHD.shape[1]
+        buffers = self.derived.get(("kv", layer))
+        if buffers is None or buffers[0].shape[1] != S + L or buffers[0].dtype != k_BLHD.dtype:
+            k_buf = k_BLHD.new_empty((k_BLHD.shape[0], S + L, *k_BLHD.shape[2:]))
+            v_buf = v_BLHD.new_empty((v_BLHD.shape[0], S + L, *v_BLHD.shape[2:]))
+            with torch.no_grad():
+                k_buf[:, :S] = rotate(kc_BSHD)
+                v_buf[:, :S] = vc_BSHD
+            buffers = self.derived[("kv", layer)] = (k_buf, v_buf)
+        k_buf, v_buf = buffers
+        if torch.is_grad_enabled() and (k_BLHD.requires_grad or v_BLHD.requires_grad):
+            return torch.cat([k_buf[:, :S], k_BLHD], 1), torch.cat([v_buf[:, :S], v_BLHD], 1)
+        k_buf[:, S:] = k_BLHD
+        v_buf[:, S:] = v_BLHD
+        return k_buf, v_buf
+
     def write(self, layer: int, k_BLHD: torch.Tensor, v_BLHD: torch.Tensor) -> None:
         """Store the un-rotated keys/values of the chunk that follows the written frames.
 
@@ -184,11 +227,13 @@ class KVCache:
         assert self._pending is not None, "commit without write"
         self.frames_written += self._pending
         self._pending = None
+        self.derived.clear()
 
     def reset(self) -> None:
         """Forget the stream; storage is kept (and stale values are never read)."""
         self.frames_written = 0
         self._pending = None
+        self.derived.clear()
         self.camera_last_B2.zero_()
         self.anchor_valid_B.zero_()
         self.camera_known_B.fill_(True)
@@ -219,6 +264,7 @@ class KVCache:
             self.anchor_valid_B.copy_(snap.anchor[2])
             self.camera_known_B.copy_(snap.anchor[3])
         self._pending = None
+        self.derived.clear()
 
     @property
     def nbytes(self) -> int:

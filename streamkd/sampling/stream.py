@@ -173,7 +173,8 @@ class StreamGenerator:
             x = torch.cat([self.first_latent, x[:, :, 1:]], 2)
         # clean pass: history enters the cache at t = 0, detached
         with torch.no_grad():
-            self.model.dit(self._rows(x.detach()), torch.zeros_like(t_BF), self.context, actions, cache=self.cache, write_cache=True)
+            self.model.dit(self._rows(x.detach()), torch.zeros_like(t_BF), self.context, actions, cache=self.cache,
+                           write_cache=True, output=False)
         self.chunk_index += 1
         return x
 
