@@ -151,3 +151,63 @@ def bench_distill_memory(cfg, multiples: list[int] = (1, 2, 4)) -> dict:
         "gradients, optimizer state first touched, rollout caches); each rollout length in a fresh process",
         "threads": torch.get_num_threads(),
     }
+
+
+DEFAULT_SHAPES = (
+    # (blocks, steps, chunk, sinks, window)
+    (6, 4, 3, 3, 6), (6, 2, 3, 3, 6), (3, 2, 3, 3, 6), (2, 2, 3, 3, 6), (3, 1, 3, 3, 6), (2, 1, 3, 3, 6),
+    (2, 2, 6, 3, 6), (2, 2, 3, 1, 3), (1, 1, 3, 3, 6),
+)
+
+
+def bench_student_shapes(teacher, shapes=DEFAULT_SHAPES, chunks: int = 40, seed: int = 0) -> dict:
+    """What a causal student of a given shape costs per frame, beside the teacher's clip, on this
+    machine: the question "how small must a student be to stream N x faster than its teacher".
+
+    Each student is the teacher's network cut to ``blocks`` blocks with random weights (cost does
+    not depend on the weights), streamed through ``StreamGenerator`` exactly as ``generate`` does.
+    The teacher samples whole clips with its own default sampler; both include decoding to RGB."""
+    from dataclasses import replace
+
+    from streamkd.sampling.bidirectional import sample_clip
+    from streamkd.sampling.schedule import FewStepSampler
+
+    prompt = "forest with red squares"
+    first = torch.from_numpy(first_frame_for(teacher, seed, prompt))[None]
+    horizon = teacher.cfg.horizon_frames
+    actions = torch.from_numpy(random_actions(np.random.default_rng(seed), 4 * chunks * 12 + horizon))
+    clip_s = []
+    with torch.no_grad():
+        for i in range(4):
+            t0 = time.perf_counter()
+            latents = sample_clip(teacher, teacher.cfg.sampling.make(), [prompt], first, actions[None, :horizon], horizon,
+                                  torch.Generator().manual_seed(i), teacher.cfg.sampling.guidance_scale)
+            teacher.codec.decode(latents)
+            clip_s.append(time.perf_counter() - t0)
+    teacher_fps = horizon / float(np.median(clip_s[1:]))
+    rows = []
+    for blocks, steps, chunk, sinks, window in shapes:
+        cfg = replace(teacher.cfg, dit=replace(teacher.cfg.dit, num_layers=blocks))
+        model = WorldModel(cfg).eval()
+        sigmas = torch.linspace(1.0, 0.1, steps).tolist() if steps > 1 else [1.0]  # cost does not depend on the levels
+        stream = StreamGenerator(model, FewStepSampler(sigmas), causal=CausalConfig(chunk, sinks, window))
+        chunk_ms = []
+        with torch.no_grad():
+            stream.reset([prompt], first, torch.Generator().manual_seed(seed))
+            for c in range(chunks):
+                t0 = time.perf_counter()
+                stream.decode(stream.next_chunk(actions[None, c * chunk : (c + 1) * chunk]))
+                chunk_ms.append(1000 * (time.perf_counter() - t0))
+        ms = float(np.median(chunk_ms[chunks // 8 :]))
+        fps = 1000 * chunk / ms
+        rows.append({"blocks": blocks, "steps": steps, "chunk_frames": chunk, "sink_frames": sinks, "window_frames": window,
+                     "chunk_ms": ms, "fps": fps, "x_teacher": fps / teacher_fps})
+    return {
+        "teacher": {"blocks": teacher.cfg.dit.num_layers, "sampler": f"{teacher.cfg.sampling.kind} {teacher.cfg.sampling.num_steps}",
+                    "clip_s": float(np.median(clip_s[1:])), "fps": teacher_fps},
+        "students": rows,
+        "counts": "teacher fps: frames of one 12-frame clip (first frame given) / wall time of sampling + decoding it, median "
+        "of 3 after a warm-up; student chunk_ms: wall time of one chunk (denoising passes + cache write + decode), median "
+        f"over chunks {chunks // 8}..{chunks - 1}; x_teacher = student fps / teacher fps, same process, same machine",
+        "threads": torch.get_num_threads(),
+    }

@@ -18,6 +18,7 @@ examples:
       --seed 3 --actions right:16,up:8,none:4 --frames 12 --out out.mp4
   streamkd eval --checkpoint toy-teacher --episodes 16 --seed 0 --frames 12 --json eval.json
   streamkd bench stream --checkpoint toy-teacher --causal --json bench.json
+  streamkd bench shapes --json docs/bench_student_shapes.json
   streamkd serve --checkpoint toy-student            # then open http://127.0.0.1:8765/
   streamkd client --actions right:8,down:8 --frames 48 --out live.mp4
 """
@@ -177,6 +178,10 @@ def cmd_bench(args) -> None:
         model = WorldModel.load(args.checkpoint)
         sampling, causal = _sampling(args, model)
         result = bench.bench_stream(model, sampling, causal, milestones=args.milestones)
+    elif args.what == "shapes":
+        from streamkd.models.world import WorldModel
+
+        result = bench.bench_student_shapes(WorldModel.load(args.checkpoint or "toy-teacher"))
     elif args.what == "distill":
         from streamkd.config import load_config
         from streamkd.train.distill import DistillConfig
@@ -349,10 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
-        "bench", help="benchmarks: stream (latency/memory vs length), train (samples/s), distill (step memory vs rollout)"
+        "bench", help="benchmarks: stream (latency/memory vs length), train (samples/s), distill (step memory vs rollout), "
+        "shapes (student frames/s by depth/steps/chunking against the teacher)"
     )
-    p.add_argument("what", choices=["stream", "train", "distill"])
-    p.add_argument("--checkpoint", help="bench stream: checkpoint folder")
+    p.add_argument("what", choices=["stream", "train", "distill", "shapes"])
+    p.add_argument("--checkpoint", help="bench stream: checkpoint folder; bench shapes: the teacher (default toy-teacher)")
     p.add_argument("--milestones", type=int, nargs="+", default=[100, 1000, 10000], help="bench stream: frame counts")
     p.add_argument("--config", help="bench train / distill: YAML config")
     p.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4],

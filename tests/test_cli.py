@@ -157,3 +157,18 @@ def test_bench_stream_reports_bounded_cost(checkpoints, tmp_path: Path) -> None:
 def test_bench_stream_refuses_bidirectional(checkpoints, capsys) -> None:
     assert main(["bench", "stream", "--checkpoint", str(checkpoints["bidirectional"])]) == 2
     assert "causal" in capsys.readouterr().err
+
+
+def test_bench_shapes_streams_cut_down_students_beside_the_teacher(checkpoints) -> None:
+    """Smoke run of ``streamkd bench shapes`` (the figures themselves are machine-dependent and
+    recorded in docs/, not asserted): every shape streams, and the ratio is its own fps over the
+    teacher's measured in the same call."""
+    from streamkd import bench
+    from streamkd.models.world import WorldModel
+
+    teacher = WorldModel.load(checkpoints["bidirectional"])
+    result = bench.bench_student_shapes(teacher, shapes=[(2, 2, 2, 1, 2), (1, 1, 1, 0, 2)], chunks=8)
+    assert result["teacher"]["fps"] > 0 and len(result["students"]) == 2
+    for row in result["students"]:
+        assert row["chunk_ms"] > 0
+        assert row["x_teacher"] == pytest.approx(row["fps"] / result["teacher"]["fps"])

@@ -6,7 +6,9 @@ floor (first frame repeated) and the ceiling (first frame moved by the exact cam
 (4 steps, causal, streaming through the KV cache) against the same ground truth and the teacher.
 What each reaches is asserted for real; targets not reached are strict xfails, so the suite says
 so the day they are. README figures come from the same evaluation with 16 episodes:
-``streamkd eval --checkpoint toy-teacher --checkpoint toy-student-ode --checkpoint toy-student``.
+``streamkd eval --checkpoint toy-teacher --checkpoint toy-student-ode --checkpoint toy-student
+--checkpoint toy-student-fast-ode --checkpoint toy-student-fast`` (docs/eval_fast.md). The fast pair
+(2 blocks, 1 step) is the student that streams > 20x faster than the teacher.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ def teacher() -> dict:
 @pytest.fixture(scope="module")
 def student() -> dict:
     return evaluate(_load("toy-student"), episodes=EPISODES, seed=0, frames=12, drift_multiples=(1, 10), drift_episodes=2)
+
+
+@pytest.fixture(scope="module")
+def student_fast() -> dict:
+    return evaluate(_load("toy-student-fast"), episodes=EPISODES, seed=0, frames=12)
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +85,22 @@ def test_self_forcing_drifts_less_than_ode_init(student: dict, student_ode: dict
     self-forcing student, trained on its own long rollouts, stays closer to the ground truth than
     the ODE-init student it started from (README: 20.63 vs 17.55 dB over 8 episodes)."""
     assert student["drift_psnr"]["10x"] > student_ode["drift_psnr"]["10x"] + 1.0, (student, student_ode)
+
+
+@pytest.mark.parametrize("name", ["toy-student-fast", "toy-student-fast-ode"])
+def test_fast_students_are_causal_two_block_one_step_checkpoints(name: str) -> None:
+    """The real-time pair (README "fast student"): 2 of the teacher's 6 blocks, one sampler step."""
+    model = _load(name)
+    assert model.is_causal and model.cfg.dit.num_layers == 2 and model.cfg.sampling.sigmas == [1.0]
+
+
+def test_fast_student_keeps_the_teachers_fidelity(teacher: dict, student_fast: dict) -> None:
+    """Issue target (within 1 dB of the teacher) for the student that streams > 20x faster."""
+    assert student_fast["fidelity_psnr"] >= teacher["fidelity_psnr"] - 1.0, (student_fast, teacher)
+    assert student_fast["prompt_accuracy"] >= 0.9
+
+
+@pytest.mark.xfail(strict=True, reason="the fast student's camera motion fails phase correlation on more frame pairs "
+                   "than the teacher's (README: 1.90 vs 1.49 px over 16 episodes)")
+def test_fast_student_follows_actions_as_well_as_the_teacher(teacher: dict, student_fast: dict) -> None:
+    assert student_fast["action_error_px"] <= teacher["action_error_px"], (student_fast, teacher)
