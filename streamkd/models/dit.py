@@ -250,8 +250,16 @@ class DiTBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 1, 6, E) / E**0.5)
 
     def forward(
-        self, x_BLE: torch.Tensor, ctx_BLcE: torch.Tensor, tproj_BF6E: torch.Tensor, plan: _SelfAttnPlan, layer: int
-    ) -> torch.Tensor:
+        self, x_BLE: torch.Tensor, ctx_BLcE: torch.Tensor, tproj_BF6E: torch.Tensor, plan: _SelfAttnPlan, layer: int,
+        kv_only: bool = False,
+    ) -> torch.Tensor | None:
+        """``kv_only``: only store the modulated input's self-attention keys/values in the plan's
+        cache and return None -- all a cache-writing pass needs from the last block. (A flag of
+        ``forward``, not a method of its own, so FSDP's per-block hooks gather the weights.)"""
+        if kv_only:
+            shift1, scale1 = (self.modulation[:, :, :2] + tproj_BF6E[:, :, :2].float()).unbind(2)
+            self.self_attn.write_kv(_modulate(x_BLE, shift1, scale1, self.eps), plan.cache, layer)
+            return None
         shift1, scale1, gate1, shift3, scale3, gate3 = (self.modulation + tproj_BF6E.float()).unbind(2)
         # 1. self-attention
         h = self.self_attn.self_attn(_modulate(x_BLE, shift1, scale1, self.eps), plan, layer)
@@ -262,11 +270,6 @@ class DiTBlock(nn.Module):
         # 3. feed-forward
         h = self.ffn(_modulate(x_BLE, shift3, scale3, self.eps))
         return _gated_add(x_BLE, h, gate3)
-
-    def write_kv(self, x_BLE: torch.Tensor, tproj_BF6E: torch.Tensor, cache: KVCache, layer: int) -> None:
-        """The part of ``forward`` the cache sees: the modulated input's self-attention keys/values."""
-        shift1, scale1 = (self.modulation[:, :, :2] + tproj_BF6E[:, :, :2].float()).unbind(2)
-        self.self_attn.write_kv(_modulate(x_BLE, shift1, scale1, self.eps), cache, layer)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -518,7 +521,7 @@ class DiT(nn.Module):
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             if i == last and not output:
-                block.write_kv(x_BLE, tproj_BF6E, cache, i)
+                block(x_BLE, ctx_BLcE, tproj_BF6E, plan, i, kv_only=True)
             else:
                 x_BLE = block(x_BLE, ctx_BLcE, tproj_BF6E, plan, i)
         if write_cache:
