@@ -16,7 +16,7 @@ from streamkd.models.codec import CodecConfig
 from streamkd.models.dit import DiTConfig
 from streamkd.models.world import CausalConfig, WorldModel, WorldModelConfig
 from streamkd.sampling.bidirectional import sample_clip
-from streamkd.sampling.schedule import EulerSampler
+from streamkd.sampling.schedule import EulerSampler, FewStepSampler
 from streamkd.sampling.stream import StreamGenerator
 from streamkd.train.distill import DistillConfig, DistillTrainer
 
@@ -44,6 +44,23 @@ def test_ode_pairs_are_teacher_trajectories_and_resume(teacher_dir: Path, tmp_pa
     generate_ode_pairs(cfg, progress=False)
     after = load_file(second)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_pairs_from_the_teachers_x0_sampler(teacher_dir: Path, tmp_path: Path) -> None:
+    """``sampler: few_step``: the stored end point is the teacher's x0-sampler sample (fresh noise
+    at every re-noising, drawn in the same order as ``sample_clip``) from the stored start noise."""
+    cfg = replace(_pairs_cfg(teacher_dir, tmp_path / "pairs"), sampler="few_step", num_steps=2, shift=1.0, keep_sigmas=[1.0])
+    generate_ode_pairs(cfg, progress=False)
+    store = ODEPairStore(tmp_path / "pairs")
+    assert store.latents.shape[1] == 2 and store.keep_sigmas == [1.0]
+    teacher = WorldModel.load(teacher_dir)
+    data = ToyClipDataset(teacher.cfg.world, 4, base_seed=cfg.base_seed)
+    batch = collate_clips([data[0], data[1]])
+    gen = torch.Generator().manual_seed(cfg.base_seed * 1_000_003)
+    ref = sample_clip(teacher, FewStepSampler([1.0, 0.5]), batch["prompt"], batch["frames"][:, 0], batch["actions"], 4, gen)
+    torch.testing.assert_close(store.latents[:2, -1].float(), ref, atol=2e-3, rtol=2e-3)  # stored as fp16
+    with pytest.raises(ValueError, match=r"not on the teacher's few-step levels \(2 steps"):
+        replace(cfg, keep_sigmas=[0.75])
 
 
 def test_ode_config_rejects_levels_off_the_grid() -> None:
