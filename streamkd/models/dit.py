@@ -160,17 +160,19 @@ class Attention(nn.Module):
         self.norm_q = nn.RMSNorm(inner, eps=eps)
         self.norm_k = nn.RMSNorm(inner, eps=eps)
 
-    def qkv(self, x_BLE: torch.Tensor, ctx_BSE: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        q = self.norm_q(self.to_q(x_BLE)).unflatten(-1, (self.num_heads, -1))
+    def kv(self, ctx_BSE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.norm_k(self.to_k(ctx_BSE)).unflatten(-1, (self.num_heads, -1))
         v = self.to_v(ctx_BSE).unflatten(-1, (self.num_heads, -1))
-        return q, k, v
+        return k, v
+
+    def qkv(self, x_BLE: torch.Tensor, ctx_BSE: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q = self.norm_q(self.to_q(x_BLE)).unflatten(-1, (self.num_heads, -1))
+        return (q, *self.kv(ctx_BSE))
 
     def write_kv(self, x_BLE: torch.Tensor, cache: KVCache, layer: int) -> None:
         """Store this layer's (un-rotated) keys/values of ``x`` -- all a cache-writing pass needs
         from the last block."""
-        k = self.norm_k(self.to_k(x_BLE)).unflatten(-1, (self.num_heads, -1))
-        v = self.to_v(x_BLE).unflatten(-1, (self.num_heads, -1))
+        k, v = self.kv(x_BLE)
         cache.write(layer, k.detach(), v.detach())
 
     def cross(self, x_BLE: torch.Tensor, ctx_BSE: torch.Tensor) -> torch.Tensor:
@@ -322,14 +324,17 @@ class DiT(nn.Module):
     def new_cache(
         self, *, batch_size: int, height: int, width: int, sink_frames: int, window_frames: int,
         chunk_frames: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+        reuse_rotated: bool = True,
     ) -> KVCache:
-        """A cache sized for this model and a latent of ``height x width``."""
+        """A cache sized for this model and a latent of ``height x width``. ``reuse_rotated=False``
+        gives back the memory of the per-chunk rotated key/value buffers (one more copy of the
+        visible cache, see ``streamkd.cache.kv_cache``) for re-rotating the keys on every pass."""
         param = self.proj_out.weight
         return KVCache(
             num_layers=self.cfg.num_layers, batch_size=batch_size, tokens_per_frame=self.tokens_per_frame(height, width),
             num_heads=self.cfg.num_heads, head_dim=self.cfg.head_dim, sink_frames=sink_frames,
             window_frames=window_frames, chunk_frames=chunk_frames,
-            dtype=dtype or param.dtype, device=device or param.device,
+            dtype=dtype or param.dtype, device=device or param.device, reuse_rotated=reuse_rotated,
         )
 
     def _plan(
