@@ -175,7 +175,8 @@ def bench_student_shapes(teacher, shapes=DEFAULT_SHAPES, chunks: int = 40, seed:
     prompt = "forest with red squares"
     first = torch.from_numpy(first_frame_for(teacher, seed, prompt))[None]
     horizon = teacher.cfg.horizon_frames
-    actions = torch.from_numpy(random_actions(np.random.default_rng(seed), 4 * chunks * 12 + horizon))
+    longest = max(horizon, chunks * max(shape[2] for shape in shapes))
+    actions = torch.from_numpy(random_actions(np.random.default_rng(seed), longest))
     clip_s = []
     with torch.no_grad():
         for i in range(4):
@@ -184,12 +185,13 @@ def bench_student_shapes(teacher, shapes=DEFAULT_SHAPES, chunks: int = 40, seed:
                                   torch.Generator().manual_seed(i), teacher.cfg.sampling.guidance_scale)
             teacher.codec.decode(latents)
             clip_s.append(time.perf_counter() - t0)
-    teacher_fps = horizon / float(np.median(clip_s[1:]))
+    teacher_clip_s = float(np.median(clip_s[1:]))
+    teacher_fps = horizon / teacher_clip_s
     rows = []
     for blocks, steps, chunk, sinks, window in shapes:
         cfg = replace(teacher.cfg, dit=replace(teacher.cfg.dit, num_layers=blocks))
         model = WorldModel(cfg).eval()
-        sigmas = torch.linspace(1.0, 0.1, steps).tolist() if steps > 1 else [1.0]  # cost does not depend on the levels
+        sigmas = torch.linspace(1.0, 0.1, steps).tolist()  # cost does not depend on the levels
         stream = StreamGenerator(model, FewStepSampler(sigmas), causal=CausalConfig(chunk, sinks, window))
         chunk_ms = []
         with torch.no_grad():
@@ -204,10 +206,10 @@ def bench_student_shapes(teacher, shapes=DEFAULT_SHAPES, chunks: int = 40, seed:
                      "chunk_ms": ms, "fps": fps, "x_teacher": fps / teacher_fps})
     return {
         "teacher": {"blocks": teacher.cfg.dit.num_layers, "sampler": f"{teacher.cfg.sampling.kind} {teacher.cfg.sampling.num_steps}",
-                    "clip_s": float(np.median(clip_s[1:])), "fps": teacher_fps},
+                    "clip_s": teacher_clip_s, "fps": teacher_fps},
         "students": rows,
-        "counts": "teacher fps: frames of one 12-frame clip (first frame given) / wall time of sampling + decoding it, median "
-        "of 3 after a warm-up; student chunk_ms: wall time of one chunk (denoising passes + cache write + decode), median "
+        "counts": f"teacher fps: frames of one {horizon}-frame clip (first frame given) / wall time of sampling + decoding it, "
+        "median of 3 after a warm-up; student chunk_ms: wall time of one chunk (denoising passes + cache write + decode), median "
         f"over chunks {chunks // 8}..{chunks - 1}; x_teacher = student fps / teacher fps, same process, same machine",
         "threads": torch.get_num_threads(),
     }

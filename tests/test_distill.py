@@ -206,3 +206,14 @@ def test_depth_pruned_one_step_student_from_a_subset_of_the_ode_levels(teacher_d
         DistillTrainer(replace(cfg, out_dir=str(tmp_path / "bad"), sigmas=[1.0, 0.75]))
     with pytest.raises(ValueError, match="distinct block indices"):
         replace(cfg, student_layers=[1, 1])
+
+
+def test_dmd_with_an_ode_regression_term(teacher_dir: Path, tmp_path: Path) -> None:
+    """``ode_weight``: the student's objective is the DMD loss plus the weighted regression loss on
+    the ODE pairs (DMD eq. 9), and both parts are logged."""
+    generate_ode_pairs(_pairs_cfg(teacher_dir, tmp_path / "pairs"), progress=False)
+    cfg = _distill_cfg(teacher_dir, tmp_path / "run", ode_weight=0.5, ode_pairs=str(tmp_path / "pairs"), max_steps=1)
+    first = DistillTrainer(cfg).train(progress=False)[0]
+    assert first["dmd_loss"] == pytest.approx(first["dmd_term"] + 0.5 * first["ode_loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="ode_weight must be >= 0"):
+        replace(cfg, ode_weight=-1.0)

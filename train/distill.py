@@ -330,9 +330,9 @@ class DistillTrainer:
         if train_student:
             s_BF, noise = self._levels_and_noise(x0.shape, num_f)
             loss_g, extra = dmd_loss(x0, self.teacher, self.critic, ctx, acts, s_BF, noise, cfg.teacher_guidance, anchor)
-            if cfg.ode_weight > 0:
+            if cfg.ode_weight > 0:  # then "dmd_loss" is the student's whole objective, "dmd_term" its DMD part
                 loss_ode = self._ode_loss()
-                extra["ode_loss"] = self.dist.mean(loss_ode)
+                extra["dmd_term"], extra["ode_loss"] = self.dist.mean(loss_g), self.dist.mean(loss_ode)
                 loss_g = loss_g + cfg.ode_weight * loss_ode
             stats["dmd_loss"] = self._apply(loss_g, self.student, self.opt, "dmd")
             update_ema(self.ema, self.student, self.cfg.ema_decay)
