@@ -125,7 +125,7 @@ class ModelBackend:
         self.max_batch = max_batch
         self.frame_size = model.cfg.world.frame_size
         self.chunk_frames = self.causal.chunk_frames
-        self._batched: dict[int, StreamGenerator] = {}  # batch size -> scratch generator, made on first use
+        self._scratch: StreamGenerator | None = None  # see _scratch_for
 
     def _generator(self, batch_size: int) -> StreamGenerator:
         return StreamGenerator(self.model, self.sampling.make(), causal=self.causal,
@@ -145,9 +145,12 @@ class ModelBackend:
         return layout_key(gen.cache), gen.chunk_index == 0 and gen.first_latent is not None
 
     @torch.no_grad()
-    def step(self, streams: list[ModelStream], actions: list[int]) -> list[np.ndarray]:
-        """One chunk for every stream (all with the same ``group_key``); uint8 ``(F, H, W, 3)`` each.
-        ``actions[b]`` is held for the whole chunk of stream b."""
+    def step(self, streams: list[ModelStream], actions: list[int]) -> list[np.ndarray | Exception]:
+        """One chunk for every stream (all with the same ``group_key``): uint8 ``(F, H, W, 3)`` each,
+        or the exception that ended that stream alone. ``actions[b]`` is held for the whole chunk of
+        stream b. Raises when the shared forward fails: with several streams none of them has
+        changed then (the batch runs on a scratch copy, written back only after the forward), so
+        the engine can retry them one by one; a single stream that raises is ended."""
         F = self.chunk_frames
         actions_BF = torch.tensor(actions, dtype=torch.long)[:, None].expand(-1, F).contiguous()
         if len(streams) == 1:
@@ -155,18 +158,29 @@ class ModelBackend:
             latents = gen.next_chunk(actions_BF)
             rebase(gen.cache)
         else:
-            big = self._batched.get(len(streams)) or self._batched.setdefault(len(streams), self._generator(len(streams)))
+            big = self._scratch_for(len(streams))
             self._gather(big, [s.gen for s in streams])
             latents = big.next_chunk(actions_BF)
             rebase(big.cache)
             self._scatter(big, [s.gen for s in streams])
-        frames = []
+        out: list[np.ndarray | Exception] = []
         for b, stream in enumerate(streams):
-            stream.visible.push(stream.frames_done, latents[b], [actions[b]] * F)
-            stream.frames_done += F
-            # decoded per session: a temporal codec (the Wan VAE) keeps per-stream state
-            frames.append(stream.gen.decode(latents[b : b + 1])[0].numpy())
-        return frames
+            try:
+                stream.visible.push(stream.frames_done, latents[b], [actions[b]] * F)
+                stream.frames_done += F
+                # decoded per session: a temporal codec (the Wan VAE) keeps per-stream state
+                out.append(stream.gen.decode(latents[b : b + 1])[0].numpy())
+            except Exception as e:
+                out.append(e)
+        return out
+
+    def _scratch_for(self, batch_size: int) -> StreamGenerator:
+        """The one batched generator, remade when the batch size changes: the server holds at most
+        one scratch cache, of at most ``max_batch`` streams, whatever the session churn."""
+        if self._scratch is None or self._scratch.batch_size != batch_size:
+            self._scratch = None  # free the old cache before allocating the new one
+            self._scratch = self._generator(batch_size)
+        return self._scratch
 
     @staticmethod
     def _rows(batch: int, b: int, halves: int) -> list[int]:

@@ -10,6 +10,7 @@ action-to-frame latency (action sent -> first frame whose header carries that ac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import json
 import time
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from streamkd.serve.media import FrameDecoder
 from streamkd.serve.protocol import FrameFlags, FrameHeader, decode_frame_message
@@ -51,6 +52,26 @@ class ClientStats:
     action_latencies_s: list[float] = field(default_factory=list)
 
 
+async def _open(url: str, origin: str | None, timeout: float) -> ClientConnection:
+    """The websocket handshake, its failures as one-line ``ServerError``s that say the fix."""
+    try:
+        return await connect(url, origin=origin, max_size=8 * 2**20, open_timeout=timeout, close_timeout=2)
+    except InvalidURI:
+        raise ServerError(f"{url!r} is not a websocket URL; the protocol endpoint is ws://HOST:PORT/ws") from None
+    except InvalidStatus as e:
+        # the server's plain HTTP routes (/ is the browser client, anything else 404) answer
+        # a handshake that was sent to the wrong path
+        status = e.response.status_code
+        raise ServerError(f"{url} answered HTTP {status}, not a websocket handshake: the protocol endpoint is ws://HOST:PORT/ws",
+                          status) from None
+    except InvalidHandshake as e:
+        raise ServerError(f"{url} did not complete a websocket handshake ({e}); is a streamkd server listening there?") from None
+    except TimeoutError:
+        raise ServerError(f"{url} did not complete a websocket handshake within {timeout:g} s") from None
+    except OSError as e:
+        raise ServerError(f"cannot connect to {url} ({e.strerror or e}); is streamkd serve running there?") from None
+
+
 class StreamClient:
     def __init__(self, ws: ClientConnection, welcome: dict[str, Any], credits: int) -> None:
         self.ws = ws
@@ -75,7 +96,7 @@ class StreamClient:
     @classmethod
     async def connect(cls, url: str, *, token: str | None = None, codecs: tuple[str, ...] = ("jpeg",), credits: int = 8,
                       origin: str | None = None, timeout: float = 10.0) -> "StreamClient":
-        ws = await connect(url, origin=origin, max_size=8 * 2**20, open_timeout=timeout, close_timeout=2)
+        ws = await _open(url, origin, timeout)
         hello = {"type": "hello", "version": 1, "codecs": list(codecs), "credits": credits}
         if token is not None:
             hello["token"] = token
@@ -157,15 +178,23 @@ class StreamClient:
         async with asyncio.timeout(timeout):
             frame = await self._frames.get()
             while frame is not None and frame.header.epoch < self.epoch:  # queued before a reset
+                await self._consumed()
                 frame = await self._frames.get()
         if frame is None:
             self._frames.put_nowait(None)  # every later call fails the same way
             raise ServerError(f"connection closed ({self.close_code})", self.close_code)
+        await self._consumed()
+        return frame
+
+    async def _consumed(self) -> None:
+        """One frame used up or discarded: its credit goes back to the server (in batches). A frame
+        of an old epoch cost the server a credit too; not returning it would starve the stream
+        after enough resets and stops."""
         self._unreturned += 1
         if self._unreturned >= max(1, self.window // 2):
-            await self.send({"type": "credit", "frames": self._unreturned})
-            self._unreturned = 0
-        return frame
+            unreturned, self._unreturned = self._unreturned, 0
+            with contextlib.suppress(ConnectionClosed):
+                await self.send({"type": "credit", "frames": unreturned})
 
     async def next_event(self, kind: str | None = None, timeout: float | None = 30.0) -> dict[str, Any]:
         """The next JSON message (of type ``kind``; others are skipped, errors raise ``ServerError``)."""
@@ -189,18 +218,20 @@ class StreamClient:
                         self.errors.append(event)
                     await self._events.put(event)
                     continue
-                self._on_frame(message)
+                if not self._on_frame(message):
+                    await self._consumed()
         except ConnectionClosed:
             pass
         finally:
             await self._frames.put(None)
             await self._events.put(None)
 
-    def _on_frame(self, message: bytes) -> None:
+    def _on_frame(self, message: bytes) -> bool:
+        """Queue a frame of the current epoch; False for a stale one (dropped here)."""
         now = time.monotonic()
         header, payload = decode_frame_message(message)
         if header.epoch < self.epoch:
-            return
+            return False
         if self._decoder is None or self._decoder_epoch != header.epoch:
             self._decoder, self._decoder_epoch = FrameDecoder(header.codec), header.epoch
         image = self._decoder.decode(payload)
@@ -215,6 +246,7 @@ class StreamClient:
             if seq == header.action_seq:  # older seqs were superseded before any frame showed them
                 st.action_latencies_s.append(now - sent)
         self._frames.put_nowait(Frame(header, image, now, len(message)))
+        return True
 
 
 async def record(url: str, *, prompt: str, seed: int, actions: list[int], num_frames: int, out: str | Path,

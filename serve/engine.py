@@ -1,14 +1,24 @@
-"""The generation worker: one thread owns the model and steps every session's stream, batching
-sessions into one forward where their caches allow; connections only exchange small control
-records and bounded frame queues with it, so generation never waits on the network.
+"""The generation worker: one thread owns the model and every session's generation state, and
+steps the sessions' streams, batching them into one forward where their caches allow.
 
-Threading contract:
-* connection code (asyncio thread) calls ``Engine`` methods; each takes the engine lock for a
-  few field writes and wakes the worker -- no model work on that side;
-* the worker applies starts, prompt switches (with the KV re-cache) and the latest action at
-  chunk boundaries, runs the model outside the lock, and pushes frames into each session's
-  ``Outbox``; a full outbox drops its *oldest* frames (a live stream keeps the newest) and counts
-  them for the DROPPED flag, so memory per session is bounded whatever the client does.
+Ownership (no lock discipline to remember):
+* the worker thread alone reads and writes generation state (``_WorkerSession``: stream, cache,
+  prompt, pacing, action). Nothing else holds a reference to it;
+* the connection side (the asyncio thread) only *sends commands* (``_Start``, ``_Stop``,
+  ``_Prompt``, ``_Action``, ...) into one queue, and owns the ``SessionHandle`` it got from
+  ``open_session`` (its id, its epoch counter, its outbox);
+* results flow back through each session's ``Outbox``, a bounded thread-safe channel: frames and
+  events in, the connection's sender takes them out.
+
+Commands are applied in order, between units of model work (a start, a prompt re-cache, one
+batched chunk), so a ``stop`` that arrives during a forward takes effect before the next one and
+cannot race it. Epochs make stale results undeliverable: the connection bumps its epoch on every
+start/reset/stop and tells the outbox, which discards frames and events of any other epoch.
+
+Failures: a batched forward that raises is retried one session at a time, so only the session
+whose step fails is ended (error ``internal``, close 1011); the others keep streaming. A backend's
+``step`` therefore must not change any stream's state when it raises, and reports a failure that
+concerns one stream only (e.g. its decoder) as that stream's entry in the result list.
 
 Pacing: chunk k of an epoch may start ``lead_chunks`` chunks before its first frame's pts
 (``t0 + k F / fps``); a stream that fell behind by more than a chunk is re-anchored rather than
@@ -18,13 +28,13 @@ rushed. Sessions due at the same time (within ``batch_slack`` of a chunk) share 
 from __future__ import annotations
 
 import logging
+import queue
 import secrets
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -77,7 +87,9 @@ class OutFrame:
 
 
 class Outbox:
-    """Bounded hand-off from the worker to one connection's sender; thread-safe."""
+    """Bounded channel from the worker to one connection's sender; thread-safe, and the only
+    object both threads touch. It knows the connection's current epoch and discards frames and
+    epoch-tagged events of any other epoch, at put and when the epoch changes."""
 
     MAX_EVENTS = 64
 
@@ -85,36 +97,44 @@ class Outbox:
         self.capacity = capacity
         self._notify = notify
         self._lock = threading.Lock()
+        self._epoch = 0
         self._frames: deque[OutFrame] = deque()
-        self._events: deque[dict[str, Any]] = deque(maxlen=self.MAX_EVENTS)
+        self._events: deque[tuple[int | None, dict[str, Any]]] = deque(maxlen=self.MAX_EVENTS)
         self._pending_drops = 0
-        self.dropped_total = 0
+        self._dropped_total = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The connection started, restarted or stopped its stream: older results are stale
+        (discarded, not counted as drops)."""
+        with self._lock:
+            self._epoch = epoch
+            self._frames.clear()
+            self._pending_drops = 0
+            self._events = deque(((e, ev) for e, ev in self._events if e is None or e == epoch), maxlen=self.MAX_EVENTS)
 
     def put_frames(self, frames: list[OutFrame]) -> None:
         with self._lock:
             for f in frames:
+                if f.epoch != self._epoch:
+                    continue
                 self._frames.append(f)
                 if len(self._frames) > self.capacity:
-                    old = self._frames.popleft()
-                    if old.epoch == f.epoch:
-                        self._pending_drops += 1
-                        self.dropped_total += 1
+                    self._frames.popleft()
+                    self._pending_drops += 1
+                    self._dropped_total += 1
         self._notify()
 
-    def put_event(self, event: dict[str, Any]) -> None:
+    def put_event(self, event: dict[str, Any], epoch: int | None = None) -> None:
+        """``epoch``: the stream epoch the event belongs to (None: the connection itself)."""
         with self._lock:
-            self._events.append(event)
+            if epoch is not None and epoch != self._epoch:
+                return
+            self._events.append((epoch, event))
         self._notify()
-
-    def new_epoch(self) -> None:
-        """Frames of the old epoch are stale: discard them (not counted as drops)."""
-        with self._lock:
-            self._frames.clear()
-            self._pending_drops = 0
 
     def pop_event(self) -> dict[str, Any] | None:
         with self._lock:
-            return self._events.popleft() if self._events else None
+            return self._events.popleft()[1] if self._events else None
 
     def pop_frame(self) -> OutFrame | None:
         with self._lock:
@@ -124,33 +144,108 @@ class Outbox:
             f.dropped, self._pending_drops = self._pending_drops, 0
             return f
 
+    @property
+    def dropped_total(self) -> int:
+        with self._lock:
+            return self._dropped_total
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._frames)
 
 
 @dataclass
-class Session:
-    """Engine-side state of one connection. Fields above the line are written by the connection
-    (under the engine lock), the rest only by the worker."""
+class SessionHandle:
+    """The connection side of a session: owned by the connection (the asyncio thread)."""
 
     id: str
     outbox: Outbox
+    epoch: int = 0
+
+
+# ------------------------------------------------------------------------------------- commands
+@dataclass(frozen=True)
+class _Open:
+    id: str
+    outbox: Outbox
+
+
+@dataclass(frozen=True)
+class _Close:
+    id: str
+
+
+@dataclass(frozen=True)
+class _Start:
+    id: str
+    epoch: int
+    spec: StreamSpec
+    fps: float
+
+
+@dataclass(frozen=True)
+class _Stop:
+    id: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    id: str
+    epoch: int
+    prompt: str
+
+
+@dataclass(frozen=True)
+class _Action:
+    id: str
+    seq: int
+    action: int
+
+
+@dataclass(frozen=True)
+class _Pause:
+    id: str
+    epoch: int
+    paused: bool
+
+
+@dataclass(frozen=True)
+class _Stats:
+    id: str
+
+
+@dataclass(frozen=True)
+class _Shutdown:
+    pass
+
+
+@dataclass(frozen=True)
+class _Counters:
+    """What the worker publishes for ``/healthz`` (replaced whole, never mutated)."""
+
+    forwards: int = 0
+    chunks: int = 0
+
+
+@dataclass
+class _WorkerSession:
+    """Generation state of one session; only the worker thread ever touches it."""
+
+    id: str
+    outbox: Outbox
+    epoch: int = 0
     pending_start: tuple[StreamSpec, float] | None = None
     pending_prompt: str | None = None
     action: int = 0
     action_seq: int = 0
     paused: bool = False
-    closed: bool = False
-    epoch: int = 0
-    # ---- worker-owned
     stream: Any = None
     spec: StreamSpec | None = None
     fps: float = 16.0
     t0: float = 0.0
     chunk_seq: int = 0
     prompt_changed: bool = False
-    failed: bool = False
     frames_generated: int = 0
     last_chunk_ms: float = 0.0
     last_batch: int = 0
@@ -162,173 +257,194 @@ class Session:
 
     @property
     def active(self) -> bool:
-        return self.stream is not None and not self.paused and not self.failed and not self.closed
+        return self.stream is not None and not self.paused
 
 
 class Engine:
-    """Sessions, the worker thread and its schedule; see the module docstring."""
+    """The worker thread and its command queue; see the module docstring. The connection-side
+    methods (``open_session`` ... ``health``) are called from one thread, the event loop."""
 
     def __init__(self, backend, cfg: EngineConfig | None = None) -> None:
         self.backend = backend
         self.cfg = cfg or EngineConfig()
         self.chunk_frames = backend.chunk_frames
-        self._cond = threading.Condition()
-        self._sessions: dict[str, Session] = {}
-        self._stopping = False
-        self.forwards = 0
-        self.chunks = 0
         self.threads = self.cfg.threads or torch.get_num_threads()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._open: set[str] = set()  # connection side: ids of open sessions (admission)
+        self._sessions: dict[str, _WorkerSession] = {}  # worker side
+        self._counters = _Counters()  # published by the worker
+        self._forwards = self._chunks = 0
         self._thread = threading.Thread(target=self._run, name="streamkd-engine", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ connection side (asyncio)
-    def open_session(self, notify: Callable[[], None]) -> Session:
-        with self._cond:
-            if len(self._sessions) >= self.cfg.max_sessions:
-                raise EngineFull(f"all {self.cfg.max_sessions} session slots are taken")
-            session = Session(secrets.token_hex(8), Outbox(self.cfg.outbox_chunks * self.chunk_frames, notify))
-            self._sessions[session.id] = session
-            return session
+    def open_session(self, notify: Callable[[], None]) -> SessionHandle:
+        if len(self._open) >= self.cfg.max_sessions:
+            raise EngineFull(f"all {self.cfg.max_sessions} session slots are taken")
+        handle = SessionHandle(secrets.token_hex(8), Outbox(self.cfg.outbox_chunks * self.chunk_frames, notify))
+        self._open.add(handle.id)
+        self._inbox.put(_Open(handle.id, handle.outbox))
+        return handle
 
-    def close_session(self, session: Session) -> None:
-        """Forget the session; its cache is freed now, or when a forward it is part of returns."""
-        with self._cond:
-            session.closed = True
-            session.stream = None  # drop the cache even if something still holds the Session object
-            session.outbox.new_epoch()
-            self._sessions.pop(session.id, None)
-            self._cond.notify()
+    def close_session(self, handle: SessionHandle) -> None:
+        """Forget the session; the worker frees its cache before its next unit of work."""
+        if handle.id in self._open:
+            self._open.discard(handle.id)
+            handle.epoch += 1
+            handle.outbox.set_epoch(handle.epoch)
+            self._inbox.put(_Close(handle.id))
 
-    def start(self, session: Session, spec: StreamSpec, fps: float) -> int:
-        """Start or restart the stream; returns the new epoch (frames of older epochs are stale)."""
-        with self._cond:
-            session.epoch += 1
-            session.pending_start = (spec, fps)
-            session.pending_prompt = None
-            session.paused = False
-            session.outbox.new_epoch()
-            self._cond.notify()
-            return session.epoch
+    def start(self, handle: SessionHandle, spec: StreamSpec, fps: float) -> int:
+        """Start or restart the stream; returns the new epoch (results of older epochs are stale)."""
+        handle.epoch += 1
+        handle.outbox.set_epoch(handle.epoch)
+        self._inbox.put(_Start(handle.id, handle.epoch, spec, fps))
+        return handle.epoch
 
-    def stop(self, session: Session) -> None:
-        with self._cond:
-            session.epoch += 1
-            session.pending_start = None
-            session.pending_prompt = None
-            session.stream = None  # the worker holds no other reference between chunks
-            session.outbox.new_epoch()
+    def stop(self, handle: SessionHandle) -> int:
+        handle.epoch += 1
+        handle.outbox.set_epoch(handle.epoch)
+        self._inbox.put(_Stop(handle.id, handle.epoch))
+        return handle.epoch
 
-    def set_action(self, session: Session, seq: int, action: int) -> bool:
-        """Latest-state semantics: a seq not above the last one is stale and ignored (False)."""
-        with self._cond:
-            if seq <= session.action_seq:
-                return False
-            session.action_seq, session.action = seq, action
-            return True
+    def set_action(self, handle: SessionHandle, seq: int, action: int) -> None:
+        """Latest-state semantics: a seq not above the last one applied is stale and ignored."""
+        self._inbox.put(_Action(handle.id, seq, action))
 
-    def set_prompt(self, session: Session, prompt: str) -> None:
-        with self._cond:
-            session.pending_prompt = prompt
-            self._cond.notify()
+    def set_prompt(self, handle: SessionHandle, prompt: str) -> None:
+        self._inbox.put(_Prompt(handle.id, handle.epoch, prompt))
 
-    def set_paused(self, session: Session, paused: bool) -> None:
-        with self._cond:
-            if session.paused and not paused and session.stream is not None:
-                session.t0 = time.monotonic() - (session.chunk_seq - self.cfg.lead_chunks) * self.chunk_frames / session.fps
-            session.paused = paused
-            self._cond.notify()
+    def set_paused(self, handle: SessionHandle, paused: bool) -> None:
+        self._inbox.put(_Pause(handle.id, handle.epoch, paused))
 
-    def stats(self, session: Session) -> dict[str, Any]:
-        with self._cond:
-            return {
-                "epoch": session.epoch, "frames_generated": session.frames_generated,
-                "frames_dropped": session.outbox.dropped_total, "queued_frames": len(session.outbox),
-                "chunk_ms": round(session.last_chunk_ms, 2), "batch_size": session.last_batch,
-                "action_seq_applied": session.applied_action_seq, "paused": session.paused,
-                "sessions": len(self._sessions),
-            }
+    def request_stats(self, handle: SessionHandle) -> None:
+        """The worker answers with a ``stats`` event (its half of the figures) in the outbox."""
+        self._inbox.put(_Stats(handle.id))
 
     def health(self) -> dict[str, Any]:
-        with self._cond:
-            alive = self._thread.is_alive()
-            return {"status": "ok" if alive else "error", "sessions": len(self._sessions),
-                    "max_sessions": self.cfg.max_sessions, "forwards": self.forwards, "chunks": self.chunks}
+        counters = self._counters
+        return {"status": "ok" if self._thread.is_alive() else "error", "sessions": len(self._open),
+                "max_sessions": self.cfg.max_sessions, "forwards": counters.forwards, "chunks": counters.chunks}
 
     @property
     def num_sessions(self) -> int:
-        with self._cond:
-            return len(self._sessions)
+        return len(self._open)
 
-    def shutdown(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._sessions.clear()
-            self._cond.notify()
-        self._thread.join()
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop the worker after its current unit of work; False if it did not end in ``timeout``
+        (it is a daemon thread and dies with the process)."""
+        self._open.clear()
+        self._inbox.put(_Shutdown())
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     # ------------------------------------------------------------------------------ worker thread
     def _run(self) -> None:
         torch.set_num_threads(self.threads)
+        wait: float | None = None
         while True:
-            with self._cond:
-                if self._stopping:
-                    return
-                starts = [(s, s.pending_start, s.epoch) for s in self._sessions.values() if s.pending_start is not None]
-                for s, _, _ in starts:
-                    s.pending_start = None
-                switches = [(s, s.pending_prompt) for s in self._sessions.values()
-                            if s.pending_prompt is not None and s.stream is not None and not s.failed]
-                for s, _ in switches:
-                    s.pending_prompt = None
-                batch, wait = self._pick_batch(time.monotonic()) if not starts else ([], 0.0)
-                if not starts and not switches and not batch:
-                    self._cond.wait(timeout=wait)
-                    continue
-                actions = [(s.action, s.action_seq) for s in batch]
-            for s, (spec, fps), epoch in starts:
-                self._guarded([s], partial(self._start, s, spec, fps, epoch))
-            for s, prompt in switches:
-                self._guarded([s], partial(self._switch, s, prompt))
-            if batch:
-                self._guarded(batch, partial(self._step, batch, actions))
+            try:
+                command = self._inbox.get(timeout=wait)
+                while True:
+                    if isinstance(command, _Shutdown):
+                        self._sessions.clear()
+                        return
+                    self._apply(command)
+                    command = self._inbox.get_nowait()
+            except queue.Empty:
+                pass
+            wait = self._work()
 
-    def _guarded(self, sessions: list[Session], work: Callable[[], None]) -> None:
-        """Run model work; a failure ends the sessions involved (logged here, never shown to clients)."""
-        try:
-            work()
-        except Exception:
-            log.exception("generation failed for session(s) %s", [s.id for s in sessions])
-            for s in sessions:
-                s.failed, s.stream = True, None
-                s.outbox.put_event({"type": "error", "code": ErrorCode.INTERNAL, "retry": False, "ref": None,
-                                    "message": "generation failed on the server; the session is closed",
-                                    "close": (CloseCode.INTERNAL_ERROR, "generation failed")})
-
-    def _start(self, s: Session, spec: StreamSpec, fps: float, epoch: int) -> None:
-        if isinstance(spec.first_frame, str):  # "world": the toy world's frame 0
-            spec = StreamSpec(spec.prompt, spec.seed, self.backend.world_first_frame(spec.seed, spec.prompt))
-        stream = self.backend.start(spec)
-        with self._cond:
-            if s.closed or s.epoch != epoch:  # stopped, closed or restarted meanwhile
-                return
-            s.stream, s.spec, s.fps, s.failed = stream, spec, fps, False
-            s.chunk_seq, s.prompt_changed = 0, False
-            s.t0 = time.monotonic() + self.cfg.lead_chunks * self.chunk_frames / fps
-        s.outbox.put_event({"type": "started", "epoch": epoch, "prompt": spec.prompt, "seed": spec.seed,
-                            "fps": fps, "chunk_frames": self.chunk_frames})
-
-    def _switch(self, s: Session, prompt: str) -> None:
-        stream = s.stream
-        if stream is None:
+    def _apply(self, c) -> None:
+        if isinstance(c, _Open):
+            self._sessions[c.id] = _WorkerSession(c.id, c.outbox)
             return
-        self.backend.switch_prompt(stream, prompt)
+        s = self._sessions.get(c.id)
+        if s is None:
+            return  # closed already
+        if isinstance(c, _Close):
+            del self._sessions[c.id]
+        elif isinstance(c, _Start):
+            s.epoch, s.pending_start, s.pending_prompt = c.epoch, (c.spec, c.fps), None
+            s.stream, s.paused = None, False
+        elif isinstance(c, _Stop):
+            s.epoch, s.pending_start, s.pending_prompt, s.stream = c.epoch, None, None, None
+        elif isinstance(c, _Prompt):
+            if c.epoch == s.epoch:
+                s.pending_prompt = c.prompt
+        elif isinstance(c, _Action):
+            if c.seq > s.action_seq:
+                s.action_seq, s.action = c.seq, c.action
+        elif isinstance(c, _Pause):
+            if c.epoch == s.epoch:
+                if s.paused and not c.paused and s.stream is not None:
+                    s.t0 = time.monotonic() - (s.chunk_seq - self.cfg.lead_chunks) * self.chunk_frames / s.fps
+                s.paused = c.paused
+        elif isinstance(c, _Stats):
+            s.outbox.put_event({
+                "type": "stats", "epoch": s.epoch, "frames_generated": s.frames_generated,
+                "frames_dropped": s.outbox.dropped_total, "queued_frames": len(s.outbox),
+                "chunk_ms": round(s.last_chunk_ms, 2), "batch_size": s.last_batch,
+                "action_seq_applied": s.applied_action_seq, "paused": s.paused, "sessions": len(self._sessions),
+            })
+        else:
+            raise AssertionError(f"unknown command {c!r}")
+
+    def _work(self) -> float | None:
+        """One unit of model work; returns how long the worker may sleep before the next one
+        (0: go on after applying new commands; None: nothing to do until a command comes)."""
+        for s in self._sessions.values():
+            if s.pending_start is not None:
+                self._start(s)
+                return 0.0
+        for s in self._sessions.values():
+            if s.pending_prompt is not None and s.stream is not None:
+                self._switch(s)
+                return 0.0
+        batch, wait = self._pick_batch(time.monotonic())
+        if batch:
+            self._step(batch)
+            return 0.0
+        return wait
+
+    def _fail(self, s: _WorkerSession, what: str, exc: BaseException) -> None:
+        """End one session's stream after a server-side failure: the traceback goes to the log,
+        the client sees a generic message, then close 1011."""
+        log.error("generation failed for session %s (%s)", s.id, what, exc_info=exc)
+        s.stream = None
+        s.outbox.put_event({"type": "error", "code": ErrorCode.INTERNAL, "retry": False, "ref": None,
+                            "message": "generation failed on the server; the session is closed",
+                            "close": (CloseCode.INTERNAL_ERROR, "generation failed")}, s.epoch)
+
+    def _start(self, s: _WorkerSession) -> None:
+        (spec, fps), s.pending_start = s.pending_start, None
+        try:
+            if isinstance(spec.first_frame, str):  # "world": the toy world's frame 0
+                spec = StreamSpec(spec.prompt, spec.seed, self.backend.world_first_frame(spec.seed, spec.prompt))
+            stream = self.backend.start(spec)
+        except Exception as e:
+            self._fail(s, "start", e)
+            return
+        s.stream, s.spec, s.fps = stream, spec, fps
+        s.chunk_seq, s.prompt_changed = 0, False
+        s.t0 = time.monotonic() + self.cfg.lead_chunks * self.chunk_frames / fps
+        s.outbox.put_event({"type": "started", "epoch": s.epoch, "prompt": spec.prompt, "seed": spec.seed,
+                            "fps": fps, "chunk_frames": self.chunk_frames}, s.epoch)
+
+    def _switch(self, s: _WorkerSession) -> None:
+        prompt, s.pending_prompt = s.pending_prompt, None
+        try:
+            self.backend.switch_prompt(s.stream, prompt)
+        except Exception as e:
+            self._fail(s, "prompt switch", e)
+            return
         s.spec = StreamSpec(prompt, s.spec.seed, s.spec.first_frame)
         s.prompt_changed = True
         s.outbox.put_event({"type": "prompt_applied", "epoch": s.epoch, "prompt": prompt,
-                            "frame_seq": s.chunk_seq * self.chunk_frames})
+                            "frame_seq": s.chunk_seq * self.chunk_frames}, s.epoch)
 
-    def _pick_batch(self, now: float) -> tuple[list[Session], float | None]:
-        """Sessions for the next forward (under the lock), or how long to wait for one."""
+    def _pick_batch(self, now: float) -> tuple[list[_WorkerSession], float | None]:
+        """Sessions for the next forward, or how long to wait for one."""
         F, cfg = self.chunk_frames, self.cfg
         active = [s for s in self._sessions.values() if s.active]
         if not active:
@@ -343,37 +459,50 @@ class Engine:
         batch = [s for s in active if s.due(F, cfg.lead_chunks) <= horizon and self.backend.group_key(s.stream) == key]
         return batch[: min(cfg.max_batch, self.backend.max_batch)], None
 
-    def _step(self, batch: list[Session], actions: list[tuple[int, int]]) -> None:
-        F = self.chunk_frames
-        streams = [s.stream for s in batch]
-        epochs = [s.epoch for s in batch]
+    def _step(self, batch: list[_WorkerSession]) -> None:
+        """One chunk for each session of the batch; a failed batch is retried session by session."""
+        actions = [(s.action, s.action_seq) for s in batch]
         t_start = time.monotonic()
-        frames = self.backend.step(streams, [a for a, _ in actions])
+        try:
+            results = self.backend.step([s.stream for s in batch], [a for a, _ in actions])
+        except Exception as e:
+            if len(batch) == 1:
+                self._fail(batch[0], "step", e)
+                return
+            log.warning("a batched step of %d sessions failed; retrying them one by one", len(batch), exc_info=True)
+            for s in batch:
+                self._step([s])
+            return
         done = time.monotonic()
-        self.forwards += 1
-        self.chunks += len(batch)
-        with self._cond:
-            for s, stream, epoch, chunk, (_, action_seq) in zip(batch, streams, epochs, frames, actions):
-                if s.closed or s.epoch != epoch or s.stream is not stream:
-                    continue  # stopped or restarted during the forward: the chunk is stale
-                first = s.chunk_seq * F
-                out = []
-                for i, image in enumerate(chunk):
-                    flags = FrameFlags(0)
-                    if i == 0:
-                        flags |= FrameFlags.CHUNK_START
-                        if s.prompt_changed:
-                            flags |= FrameFlags.PROMPT_CHANGED
-                        if first == 0:
-                            flags |= FrameFlags.EPOCH_START
-                    out.append(OutFrame(image, epoch, first + i, s.chunk_seq, action_seq,
-                                        round((first + i) * 1e6 / s.fps), flags, done))
-                s.prompt_changed = False
-                s.applied_action_seq = action_seq
-                s.chunk_seq += 1
-                s.frames_generated += len(chunk)
-                s.last_chunk_ms, s.last_batch = (done - t_start) * 1e3, len(batch)
-                behind = done - s.due(F, self.cfg.lead_chunks)
-                if behind > F / s.fps:  # more than a chunk late: re-anchor instead of rushing
-                    s.t0 += behind
-                s.outbox.put_frames(out)
+        self._forwards += 1
+        self._chunks += len(batch)
+        self._counters = _Counters(self._forwards, self._chunks)
+        for s, chunk, (_, action_seq) in zip(batch, results, actions):
+            if isinstance(chunk, Exception):  # a failure of this stream alone (e.g. its decoder)
+                self._fail(s, "step", chunk)
+                continue
+            self._emit(s, chunk, action_seq, done, (done - t_start) * 1e3, len(batch))
+
+    def _emit(self, s: _WorkerSession, chunk: np.ndarray, action_seq: int, done: float, ms: float, batch: int) -> None:
+        F = self.chunk_frames
+        first = s.chunk_seq * F
+        out = []
+        for i, image in enumerate(chunk):
+            flags = FrameFlags(0)
+            if i == 0:
+                flags |= FrameFlags.CHUNK_START
+                if s.prompt_changed:
+                    flags |= FrameFlags.PROMPT_CHANGED
+                if first == 0:
+                    flags |= FrameFlags.EPOCH_START
+            out.append(OutFrame(image, s.epoch, first + i, s.chunk_seq, action_seq,
+                                round((first + i) * 1e6 / s.fps), flags, done))
+        s.prompt_changed = False
+        s.applied_action_seq = action_seq
+        s.chunk_seq += 1
+        s.frames_generated += len(chunk)
+        s.last_chunk_ms, s.last_batch = ms, batch
+        behind = done - s.due(F, self.cfg.lead_chunks)
+        if behind > F / s.fps:  # more than a chunk late: re-anchor instead of rushing
+            s.t0 += behind
+        s.outbox.put_frames(out)

@@ -10,6 +10,7 @@ already uses for mp4, so serving needs no second imaging stack.
 
 from __future__ import annotations
 
+import struct
 from fractions import Fraction
 
 import av
@@ -62,12 +63,101 @@ class FrameDecoder:
         return frames[0].to_ndarray(format="rgb24")
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last chunk: length 0, type, CRC
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # not DHT, JPG (reserved), DAC
+_JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # RST0-7 and TEM carry no length
+
+
+def image_size(fmt: str, data: bytes) -> tuple[int, int]:
+    """(height, width) of a png or jpeg image, read from its header alone: no pixel is decoded, so
+    a small upload that declares a huge image costs nothing to refuse. ValueError when the header
+    is malformed or truncated."""
+    if fmt == "png":
+        return _png_size(data)
+    if fmt == "jpeg":
+        return _jpeg_size(data)
+    if fmt == "rgb24":
+        raise ValueError("rgb24 has no header to read a size from; its size follows from the byte count (height * width * 3)")
+    raise ValueError(f"unknown image format {fmt!r}; use png, jpeg or rgb24")
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    # signature (8) | IHDR chunk: length (4, = 13) | "IHDR" (4) | width (4) | height (4) | ...
+    if data[:8] != _PNG_SIGNATURE:
+        raise ValueError("not a valid png: missing the 8-byte png signature")
+    if len(data) < 24:
+        raise ValueError(f"not a valid png: {len(data)} bytes end inside the IHDR chunk")
+    length, kind, width, height = struct.unpack_from(">I4sII", data, 8)
+    if kind != b"IHDR" or length != 13:
+        raise ValueError(f"not a valid png: the first chunk is {kind!r} of {length} bytes, not IHDR of 13")
+    if width == 0 or height == 0:
+        raise ValueError(f"not a valid png: IHDR declares a {height}x{width} image")
+    return height, width
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    # SOI, then marker segments: 0xFF (fill 0xFF bytes allowed), marker byte, and unless the marker
+    # stands alone, a big-endian u16 length that counts itself. The first SOF segment holds
+    # precision (1), height (2), width (2) after its length.
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not a valid jpeg: missing the SOI marker (FF D8)")
+    pos = 2
+    while True:
+        if pos >= len(data):
+            raise ValueError(f"not a valid jpeg: truncated at byte {pos}, before any SOF segment")
+        if data[pos] != 0xFF:
+            raise ValueError(f"not a valid jpeg: expected a marker at byte {pos}, found 0x{data[pos]:02X}")
+        while pos < len(data) and data[pos] == 0xFF:
+            pos += 1
+        if pos >= len(data):
+            raise ValueError(f"not a valid jpeg: truncated at byte {pos}, before any SOF segment")
+        marker = data[pos]
+        pos += 1
+        if marker in _JPEG_STANDALONE:
+            continue
+        if marker in (0xDA, 0xD9):
+            name = "SOS" if marker == 0xDA else "EOI"
+            raise ValueError(f"not a valid jpeg: {name} at byte {pos - 2} comes before any SOF segment")
+        if marker in (0x00, 0xD8):
+            raise ValueError(f"not a valid jpeg: unexpected marker 0x{marker:02X} at byte {pos - 2}")
+        if pos + 2 > len(data):
+            raise ValueError(f"not a valid jpeg: truncated in the length of segment 0x{marker:02X} at byte {pos - 2}")
+        (length,) = struct.unpack_from(">H", data, pos)
+        if length < 2:
+            raise ValueError(f"not a valid jpeg: segment 0x{marker:02X} at byte {pos - 2} has length {length}")
+        if marker in _JPEG_SOF:
+            if length < 7 or pos + 7 > len(data):
+                raise ValueError(f"not a valid jpeg: SOF segment at byte {pos - 2} is truncated")
+            height, width = struct.unpack_from(">HH", data, pos + 3)
+            if height == 0 or width == 0:  # height 0 defers it to a DNL segment after the first scan
+                raise ValueError(f"not a valid jpeg: SOF declares a {height}x{width} image")
+            return height, width
+        pos += length
+
+
 def decode_image(fmt: str, data: bytes, height: int, width: int) -> np.ndarray:
-    """A client-supplied first frame as uint8 ``(height, width, 3)``; ValueError when it is not one."""
+    """A client-supplied first frame as uint8 ``(height, width, 3)``; ValueError when it is not one.
+
+    A png or jpeg is checked before it reaches the decoder: the size in its header (a 100-byte
+    upload can declare 16000x16000, gigabytes once decoded), and its last bytes, because FFmpeg
+    decodes a truncated image into a frame of grey or missing rows instead of failing."""
     if fmt == "rgb24":
         if len(data) != height * width * 3:
             raise ValueError(f"rgb24 first frame must be {height}x{width}x3 = {height * width * 3} bytes, got {len(data)}")
         return np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3).copy()
+    if fmt not in ("png", "jpeg"):
+        raise ValueError(f"unknown first frame format {fmt!r}; use png, jpeg or rgb24")
+    try:
+        size = image_size(fmt, data)
+    except ValueError as e:
+        raise ValueError(f"first frame is {e}") from None
+    if size != (height, width):
+        raise ValueError(f"first frame is {size[0]}x{size[1]}, this model needs {height}x{width}")
+    if fmt == "png" and not data.endswith(_PNG_IEND):
+        raise ValueError("first frame is not a valid png: truncated, it does not end with the IEND chunk")
+    if fmt == "jpeg" and not data.endswith(b"\xff\xd9"):
+        raise ValueError("first frame is not a valid jpeg: truncated, it does not end with the EOI marker (FF D9)")
     try:
         ctx = av.CodecContext.create({"jpeg": "mjpeg", "png": "png"}[fmt], "r")
         frames = ctx.decode(av.Packet(data))

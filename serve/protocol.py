@@ -12,8 +12,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import struct
+import sys
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import Any
@@ -127,7 +127,8 @@ class CloseCode(IntEnum):
     UNAUTHORIZED = 4001  # missing or wrong token
     UNSUPPORTED_VERSION = 4002  # hello asked for a protocol version this server does not speak
     IDLE_TIMEOUT = 4003  # no message from the client for ``idle_timeout_s``
-    RATE_LIMIT = 4008  # kept sending while rate-limited
+    RATE_LIMIT = 4008  # kept sending while rate-limited, or over the incoming frame/byte budget
+    SLOW_CLIENT = 4009  # did not read: a send, ping or close waited past its deadline, or unsent data over the limit
 
 
 class ProtocolError(ValueError):
@@ -265,7 +266,9 @@ def _start_fields(msg: dict, kind: str, partial: bool) -> dict[str, Any]:
         out["size"] = (size[0], size[1])
     if "fps" in msg:
         fps = msg["fps"]
-        if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not math.isfinite(fps) or not 0 < fps <= MAX_FPS:
+        # the comparison refuses inf and nan (1e400 parses to inf) and is exact for ints of any
+        # size, where math.isfinite(10**400) would raise OverflowError
+        if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not 0 < fps <= MAX_FPS:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{kind}.fps must be a number in (0, {MAX_FPS:g}], got {_short(fps)}")
         out["fps"] = float(fps)
     return out
@@ -277,8 +280,13 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
         raise ProtocolError(ErrorCode.UNEXPECTED_BINARY, "clients send JSON text messages only; binary messages are not part of protocol v1")
     try:
         msg = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        raise ProtocolError(ErrorCode.BAD_JSON, "message is not valid JSON") from None
+    except json.JSONDecodeError as e:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"message is not valid JSON: {e}") from None
+    except ValueError:  # json.loads refuses integer literals longer than the interpreter's digit limit
+        limit = sys.get_int_max_str_digits()
+        raise ProtocolError(ErrorCode.BAD_JSON, f"message is not valid JSON: integers may have at most {limit} digits") from None
+    except RecursionError:
+        raise ProtocolError(ErrorCode.BAD_JSON, "message is not valid JSON: nested too deeply") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, 'a message is a JSON object with a string "type", e.g. {"type": "stats"}')
     kind = msg["type"]

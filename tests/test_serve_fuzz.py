@@ -38,7 +38,8 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 @pytest.fixture(scope="module")
 def server():
     backend = ModelBackend(tiny_causal_model(CausalConfig(2, 1, 4), guidance=1.0))
-    cfg = ServerConfig(port=0, control_rate=10_000, control_burst=10_000, max_message_bytes=16 * 1024)
+    cfg = ServerConfig(port=0, control_rate=10_000, control_burst=10_000, heavy_rate=10_000, heavy_burst=10_000,
+                       frame_rate=40_000, frame_burst=40_000, byte_rate=2**30, max_message_bytes=16 * 1024)
     with server_thread(cfg, backend) as srv:
         yield srv
 
