@@ -8,6 +8,8 @@ server.py     HTTP (/, /healthz) + websocket on one port, auth, limits, per-conn
 media.py      JPEG / H.264 through PyAV
 client.py     Python client library and ``streamkd client``
 bench.py      loopback serving benchmarks (``python -m streamkd.serve.bench``)
+hostile.py    hostile clients (floods, non-readers, races, malformed input) for tests and benchmarks
+bench_hostile.py  a good session beside each hostile client (``python -m streamkd.serve.bench_hostile``)
 static/       the browser client
 
 Nothing here loads a model at import time.

@@ -45,12 +45,13 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, checkpoint: str, max_batch: int, threads: int) -> None:
+    def __init__(self, checkpoint: str, max_batch: int, threads: int, extra_args: tuple[str, ...] = ()) -> None:
+        """``extra_args``: more ``streamkd serve`` options (timeouts, --world-oracle ...)."""
         self.port = _free_port()
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streamkd.cli", "serve", "--checkpoint", checkpoint, "--port", str(self.port),
-             "--max-batch", str(max_batch), "--max-sessions", "16"],
+             "--max-batch", str(max_batch), "--max-sessions", "16", *extra_args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )
         for _ in range(50):

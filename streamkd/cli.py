@@ -213,7 +213,8 @@ def cmd_serve(args) -> None:
     threads = args.threads or torch.get_num_threads()
     engine = EngineConfig(max_sessions=args.max_sessions, max_batch=args.max_batch, threads=threads)
     cfg = ServerConfig(host=args.host, port=args.port, token=args.token or os.environ.get("STREAMKD_TOKEN"),
-                       origins=tuple(args.origins), idle_timeout_s=args.idle_timeout, engine=engine)
+                       origins=tuple(args.origins), idle_timeout_s=args.idle_timeout, send_timeout_s=args.send_timeout,
+                       shutdown_timeout_s=args.shutdown_timeout, engine=engine)
     # All model work runs on the engine's worker thread, with ``threads`` OpenMP threads. The main
     # thread (model loading, the event loop) keeps one: an OpenMP team formed on it stays alive,
     # and with more OpenMP threads than cores libgomp stops spin-waiting, so every small parallel
@@ -324,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=8, help="concurrent sessions (more get close code 1013)")
     p.add_argument("--max-batch", type=int, default=8, help="most sessions batched into one forward")
     p.add_argument("--idle-timeout", type=float, default=120.0, help="seconds without a client message before closing")
+    p.add_argument("--send-timeout", type=float, default=10.0,
+                   help="deadline of every wait on a client's socket (send, ping, close); past it the connection is aborted")
+    p.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="on SIGTERM, abort connections still open after this many seconds (a second SIGTERM: at once)")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the generation worker (0: torch's default)")
     p.add_argument("--world-oracle", action="store_true",
                    help="serve the toy world's exact renderer instead of a model (client development; no checkpoint)")
