@@ -198,3 +198,59 @@ def test_block_sparse_with_every_block_kept_equals_dense(mode: str) -> None:
                 outs[name] = model(x, t, ctx, a, layout=layout)
     torch.testing.assert_close(outs["all-kept"], outs["dense"], atol=TOL, rtol=0)
     assert (outs["sparse"] - outs["dense"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "causal, shifts, anchor",
+    [(CausalConfig(2, 1, 4), TOY_SHIFTS, False), (CausalConfig(2, 1, 4), TOY_SHIFTS, True), (CausalConfig(3, 3, 6), None, False)],
+    ids=["camera-rope", "anchor-warp", "c3s3w6"],
+)
+def test_observing_a_streams_own_latents_reproduces_its_cache_and_next_chunk(causal, shifts, anchor) -> None:
+    """``observe`` is equivalent to having generated the frames: a second stream that observes the
+    first stream's clean latents (with the same actions) holds the same cache, bit for bit, and
+    continues with the same next chunk given the same noise."""
+    model = _tiny_world_model(causal, shifts, anchor)
+    world = ToyWorldConfig(frame_size=32, map_size=128)
+    first = torch.from_numpy(render(5, "forest with red squares", [0], 1, world)[0])[None]
+    prompts = ["forest with red squares"]
+    F, num_chunks = causal.chunk_frames, 5  # the window ring wraps
+    actions = torch.randint(0, 5, (1, (num_chunks + 1) * F), generator=torch.Generator().manual_seed(4))
+    made = StreamGenerator(model, FewStepSampler([1.0, 0.5]), guidance_scale=2.0)
+    made.reset(prompts, first, torch.Generator().manual_seed(3))
+    latents = torch.cat([made.next_chunk(actions[:, c * F : (c + 1) * F]) for c in range(num_chunks)], 2)
+
+    seen = StreamGenerator(model, FewStepSampler([1.0, 0.5]), guidance_scale=2.0)
+    seen.reset(prompts, first, torch.Generator().manual_seed(99))
+    seen.observe_latents(latents, actions[:, : num_chunks * F])
+    assert seen.chunk_index == made.chunk_index and seen.cache.frames_written == made.cache.frames_written
+    for a, b in zip(seen.cache.snapshot().__dict__.values(), made.cache.snapshot().__dict__.values()):
+        if isinstance(a, tuple):  # the anchor of anchor-warp models
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, atol=0, rtol=0)
+        elif isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+        else:
+            assert a == b
+    made.generator, seen.generator = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    nxt = actions[:, num_chunks * F :]
+    torch.testing.assert_close(seen.next_chunk(nxt), made.next_chunk(nxt), atol=0, rtol=0)
+
+
+def test_observe_frames_encodes_and_refuses_bad_input() -> None:
+    model = _tiny_world_model(CausalConfig(2, 1, 4), TOY_SHIFTS)
+    world = ToyWorldConfig(frame_size=32, map_size=128)
+    frames = torch.from_numpy(render(5, "forest with red squares", [0, 4, 4, 4], 4, world))[None]
+    a = StreamGenerator(model, FewStepSampler([1.0]))
+    a.reset(["forest with red squares"], None, torch.Generator().manual_seed(0))
+    latents = a.observe(frames, torch.tensor([[0, 4, 4, 4]]))
+    b = StreamGenerator(model, FewStepSampler([1.0]))
+    b.reset(["forest with red squares"], None, torch.Generator().manual_seed(0))
+    b.observe_latents(model.codec.encode(frames), torch.tensor([[0, 4, 4, 4]]))
+    torch.testing.assert_close(a.cache.k_NBSHD, b.cache.k_NBSHD, atol=0, rtol=0)
+    assert latents.shape[2] == 4 and a.chunk_index == 2
+    with pytest.raises(ValueError, match="whole chunks"):
+        a.observe(frames[:, :3])
+    with pytest.raises(ValueError, match="32, 32, 3"):
+        a.observe(torch.zeros(1, 2, 16, 16, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="actions must be"):
+        a.observe(frames, torch.zeros(1, 3, dtype=torch.long))

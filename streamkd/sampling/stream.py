@@ -178,6 +178,47 @@ class StreamGenerator:
         self.chunk_index += 1
         return x
 
+    @torch.no_grad()
+    def observe(self, frames_BFHWC: torch.Tensor, actions_BF: torch.Tensor | None = None) -> torch.Tensor:
+        """Ingest given frames (uint8, whole chunks) as if the stream had generated them: encode
+        them, then run the clean pass of each chunk, which writes it into the cache (and every
+        memory tier hanging off it). How a stream continues a real video, and how an eval shows
+        the model a place before asking it to come back. Returns the latents ``(B, C, F', h, w)``.
+
+        ``actions_BF[:, t]`` is the move into observed frame t (the stream's first frame's action
+        is ignored, as in generation). The streaming decoder does not see the observed frames;
+        a codec with temporal decoder state must be primed separately.
+        """
+        F, size = self.causal.chunk_frames, self.model.cfg.world.frame_size
+        if frames_BFHWC.ndim != 5 or frames_BFHWC.shape[0] != self.batch_size or frames_BFHWC.shape[2:] != (size, size, 3):
+            raise ValueError(f"observe takes uint8 frames (batch={self.batch_size}, frames, {size}, {size}, 3), "
+                             f"got {tuple(frames_BFHWC.shape)}")
+        if frames_BFHWC.dtype != torch.uint8:
+            raise ValueError(f"observe takes uint8 frames, got {frames_BFHWC.dtype}")
+        latents = self.model.codec.encode(frames_BFHWC).to(self.device, self.dtype)
+        self.observe_latents(latents, actions_BF)
+        return latents
+
+    @torch.no_grad()
+    def observe_latents(self, latents_BCFhw: torch.Tensor, actions_BF: torch.Tensor | None = None) -> None:
+        """``observe`` for latents: the clean pass of each chunk, exactly as ``next_chunk`` runs it
+        after denoising (so observing a stream's own latents reproduces its cache)."""
+        F = self.causal.chunk_frames
+        B, C, num_f = latents_BCFhw.shape[:3]
+        if (B, C) != (self.batch_size, self.latent_shape[0]) or tuple(latents_BCFhw.shape[3:]) != self.latent_shape[2:]:
+            raise ValueError(f"latents must be (batch={self.batch_size}, {self.latent_shape[0]}, frames, "
+                             f"{self.latent_shape[2]}, {self.latent_shape[3]}), got {tuple(latents_BCFhw.shape)}")
+        if num_f == 0 or num_f % F:
+            raise ValueError(f"observe takes whole chunks: a multiple of chunk_frames={F} frames, got {num_f}")
+        if actions_BF is not None and tuple(actions_BF.shape) != (B, num_f):
+            raise ValueError(f"actions must be (batch, frames) = ({B}, {num_f}), got {tuple(actions_BF.shape)}")
+        t_BF = torch.zeros(self.rows, F, device=self.device)
+        for start in range(0, num_f, F):
+            x = latents_BCFhw[:, :, start : start + F].to(self.device, self.dtype)
+            actions = self._actions(None if actions_BF is None else actions_BF[:, start : start + F])
+            self.model.dit(self._rows(x), t_BF, self.context, actions, cache=self.cache, write_cache=True, output=False)
+            self.chunk_index += 1
+
     def decode(self, latents_BCFhw: torch.Tensor) -> torch.Tensor:
         """uint8 frames ``(B, F, H, W, 3)`` of a chunk, through the streaming decoder."""
         return self.decoder.push(latents_BCFhw)
