@@ -43,11 +43,15 @@ def generate_frames(
     first_frame: np.ndarray | None,
     sampling: SamplingConfig | None = None,
     causal: CausalConfig | None = None,
+    observed: np.ndarray | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield uint8 ``(n, H, W, 3)`` chunks, ``len(actions)`` frames in all.
 
     ``actions[t]`` is the move into frame t; ``first_frame`` (uint8 HWC) is frame 0 when given.
     ``causal`` forces streaming (the causal path) even for a bidirectional checkpoint.
+    ``observed`` (uint8 ``(n, H, W, 3)``, n a multiple of the chunk size; streaming only): frames
+    ``0 .. n-1`` are given, not generated -- the stream observes them (``StreamGenerator.observe``)
+    and yields only the frames after them; frame 0 is then ``observed[0]`` (pass no first_frame).
     """
     sampling = sampling or model.cfg.sampling
     sampler = sampling.make()
@@ -57,6 +61,8 @@ def generate_frames(
     first = None if first_frame is None else torch.from_numpy(np.ascontiguousarray(first_frame))[None]
     actions_T = torch.tensor(actions, dtype=torch.long)
     check_length(model, num_frames, causal)
+    if observed is not None and causal is None:
+        raise ValueError("observed frames need streaming: a causal checkpoint (or --causal)")
     if causal is None:
         latents = sample_clip(model, sampler, [prompt], first, actions_T[None], num_frames, gen, sampling.guidance_scale)
         yield model.codec.decode(latents)[0].numpy()
@@ -65,6 +71,15 @@ def generate_frames(
     stream.reset([prompt], first, gen)
     F = causal.chunk_frames
     done = 0
+    if observed is not None:
+        if first_frame is not None:
+            raise ValueError("with observed frames, frame 0 is observed[0]: pass first_frame=None")
+        n = len(observed)
+        if observed.ndim != 4 or n == 0 or n % F or n >= num_frames:
+            raise ValueError(f"observed must be uint8 (n, H, W, 3) with n a multiple of chunk_frames={F} and below "
+                             f"the {num_frames} frames asked for, got shape {observed.shape}")
+        stream.observe(torch.from_numpy(np.ascontiguousarray(observed))[None], actions_T[None, :n])
+        done = n
     while done < num_frames:
         chunk_actions = actions_T[done : done + F]
         if len(chunk_actions) < F:  # last partial chunk: pad, then drop the extra frames
