@@ -386,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = extra
     try:
         args.func(args)
+        if args.command in ("train", "distill"):
+            from streamkd import distributed
+
+            distributed.exit_worker(0)  # under torchrun only: skip an unsafe teardown (see there)
     except (ValueError, OSError, ArithmeticError) as e:
         # user-facing errors are ValueError subclasses (ConfigError, CheckpointError, ActionSpecError,
         # OutputPathError, ...); OSError covers unreadable/unwritable paths; ArithmeticError is a

@@ -539,4 +539,7 @@ class DiT(nn.Module):
         shift, scale = (self.head_modulation + temb_BFE[:, :, None].float()).unbind(2)
         x_BLE = self.proj_out(_modulate(x_BLE, shift, scale, cfg.eps))
         out = x_BLE.reshape(B, gf, gh, gw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return out.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        out = out.reshape(B, out.shape[1], gf * pt, gh * ph, gw * pw)
+        # A fresh tensor, never a view: FSDP2 hangs its pre-backward hook on the module's output,
+        # and an in-place op by a caller on a view would bypass it (torch warns on every forward).
+        return out.clone() if out._is_view() else out
