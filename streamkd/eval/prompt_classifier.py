@@ -22,16 +22,18 @@ import torch
 from streamkd.data.toyworld import ToyWorldConfig, episode, heldout_seed, parse_prompt, prompt_for_seed, random_actions, render
 
 
-def colour_histogram(frames_THWC: np.ndarray) -> torch.Tensor:
-    """``(T, 64)`` normalised joint RGB histograms (4 levels per channel)."""
+def colour_histogram(frames_THWC: np.ndarray, mask_THW: np.ndarray | None = None) -> torch.Tensor:
+    """``(T, 64)`` normalised joint RGB histograms (4 levels per channel), of the pixels in
+    ``mask_THW`` when given (each frame normalised by its own count)."""
     q = frames_THWC.astype(np.int64) // 64  # 0..3
     idx = q[..., 0] * 16 + q[..., 1] * 4 + q[..., 2]
     T = idx.shape[0]
     flat = idx.reshape(T, -1)
+    keep = np.ones_like(flat, dtype=bool) if mask_THW is None else mask_THW.reshape(T, -1)
     hist = np.zeros((T, 64))
     for t in range(T):
-        hist[t] = np.bincount(flat[t], minlength=64)
-    return torch.from_numpy(np.sqrt(hist / flat.shape[1])).float()  # sqrt: Hellinger-like scaling
+        hist[t] = np.bincount(flat[t][keep[t]], minlength=64)
+    return torch.from_numpy(np.sqrt(hist / np.maximum(keep.sum(1, keepdims=True), 1))).float()  # sqrt: Hellinger-like
 
 
 class PromptClassifier:
@@ -66,15 +68,23 @@ class PromptClassifier:
         opt.step(closure)
         return w.detach()
 
-    def predict(self, frames_THWC: np.ndarray) -> tuple[list[str], list[str]]:
-        x = colour_histogram(frames_THWC)
+    def predict(self, frames_THWC: np.ndarray, mask_THW: np.ndarray | None = None) -> tuple[list[str], list[str]]:
+        x = colour_histogram(frames_THWC, mask_THW)
         xb = torch.cat([x, torch.ones(len(x), 1)], 1)
         return ([self.biomes[i] for i in (xb @ self.w_biome).argmax(1).tolist()],
                 [self.colours[i] for i in (xb @ self.w_colour).argmax(1).tolist()])
 
-    def accuracy(self, frames_THWC: np.ndarray, prompt: str) -> float:
-        """Share of frames whose biome matches the prompt's."""
-        biomes, _ = self.predict(frames_THWC)
+    def accuracy(self, frames_THWC: np.ndarray, prompt: str, mask_THW: np.ndarray | None = None,
+                 min_share: float = 0.25) -> float:
+        """Share of frames whose biome matches the prompt's; with ``mask_THW`` judged on the masked
+        pixels only (e.g. those no condition showed), over the frames where they cover at least
+        ``min_share`` of the frame (nan when none does)."""
+        if mask_THW is not None:
+            keep = mask_THW.reshape(len(mask_THW), -1).mean(1) >= min_share
+            if not keep.any():
+                return float("nan")
+            frames_THWC, mask_THW = frames_THWC[keep], mask_THW[keep]
+        biomes, _ = self.predict(frames_THWC, mask_THW)
         return float(np.mean([b == parse_prompt(prompt).biome for b in biomes]))
 
     def colour_correct(self, frames_THWC: np.ndarray, prompt: str) -> bool:

@@ -1,0 +1,74 @@
+"""Figures of ``streamkd eval``: revisit PSNR against the gap, and a frame grid -- ground truth
+beside each model along a wandering camera -- so a reader sees what the numbers say."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from streamkd.eval.revisit import GAPS
+
+ROW_LABELS = {"model": "model (its cache)", "full_kv_oracle": "full-KV oracle", "floor_mean_colour": "floor: mean colour",
+              "floor_other_place": "floor: another place", "ceiling": "ceiling"}
+
+
+def plot_revisits(results: dict[str, dict], path: str) -> None:
+    """Returning-pixel PSNR against the gap (in cache spans), observed protocol on the left,
+    generated (self-consistency) on the right; one line per checkpoint, dashed references of the
+    first checkpoint's run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    first = next((r["revisit"] for r in results.values() if "revisit" in r), None)
+    for ax, protocol in zip(axes, ("observed", "generated")):
+        for name, r in results.items():
+            if "revisit" not in r:
+                continue
+            for row, style in (("model", "-o"), ("full_kv_oracle", ":s")):
+                ys = [r["revisit"][row][protocol]["returning"][str(g)]["psnr"] for g in GAPS]
+                if any(y is not None for y in ys):
+                    ax.plot(GAPS, [np.nan if y is None else y for y in ys], style, label=f"{name}: {ROW_LABELS[row]}")
+        if first is not None:
+            for row in ("floor_mean_colour", "floor_other_place", "ceiling"):
+                ys = [first[row][protocol]["returning"][str(g)]["psnr"] for g in GAPS]
+                ax.plot(GAPS, [np.nan if y is None else min(y, 45.0) for y in ys], "--", color="grey", lw=1)
+                if ys[-1] is not None:
+                    ax.annotate(ROW_LABELS[row], (GAPS[-1], min(ys[-1], 45.0)), fontsize=7, color="grey")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(GAPS, [f"{g}x" for g in GAPS])
+        ax.set_xlabel("gap before the return (x sinks + window)")
+        ax.set_title({"observed": "observed: vs ground truth", "generated": "generated: vs its own first rendering"}[protocol])
+    axes[0].set_ylabel("PSNR of returning pixels (dB)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def frame_grid(rows: dict[str, np.ndarray], frame_ids: list[int], path: str, scale: int = 2) -> None:
+    """A PNG: one row per entry of ``rows`` (name -> uint8 ``[T, H, W, 3]``, ground truth first),
+    the frames ``frame_ids`` as columns, nearest-neighbour upscaled by ``scale``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    h, w = next(iter(rows.values())).shape[1:3]
+    fig, axes = plt.subplots(len(names), len(frame_ids), figsize=(len(frame_ids) * w * scale / 100 + 1.5,
+                                                                 len(names) * (h * scale / 100 + 0.15)), squeeze=False)
+    for i, name in enumerate(names):
+        for j, t in enumerate(frame_ids):
+            ax = axes[i][j]
+            ax.imshow(rows[name][t], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"frame {t}", fontsize=7)
+            if j == 0:
+                ax.set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
