@@ -21,9 +21,11 @@ are the plain reference used by the full-sequence block-causal forward and by te
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from streamkd.cache.memory import MemoryConfig
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class CausalLayout:
     chunk_frames: int
     sink_frames: int = 0
     window_frames: int | None = None
+    memory: MemoryConfig | None = field(default=None, compare=False, hash=False)
+    """Memory beyond the window (``streamkd.cache.memory``): the full-sequence forward replays
+    what a streaming paged cache with it would read."""
 
     def __post_init__(self) -> None:
         if self.chunk_frames < 1:

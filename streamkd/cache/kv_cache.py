@@ -35,6 +35,35 @@ from dataclasses import dataclass
 import torch
 
 
+def with_chunk(
+    derived: dict, layer: int, history: Callable[[], tuple[torch.Tensor, torch.Tensor]], k_BLHD: torch.Tensor,
+    v_BLHD: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attended history (rotated keys, values: made by ``history()`` once per cache state and
+    layer, kept in ``derived``) followed by the chunk's own ``k``/``v``, in one reused buffer.
+
+    Without autograd the result is the buffer itself (valid until the next call for this layer);
+    a pass that records a graph gets fresh tensors, so no later in-place write can touch what its
+    backward needs."""
+    L = k_BLHD.shape[1]
+    buffers = derived.get(("kv", layer))
+    if buffers is None or buffers[0].shape[1] != buffers[2] + L or buffers[0].dtype != k_BLHD.dtype:
+        with torch.no_grad():
+            kc_BSHD, vc_BSHD = history()
+            S = kc_BSHD.shape[1]
+            k_buf = k_BLHD.new_empty((k_BLHD.shape[0], S + L, *k_BLHD.shape[2:]))
+            v_buf = v_BLHD.new_empty((v_BLHD.shape[0], S + L, *v_BLHD.shape[2:]))
+            k_buf[:, :S] = kc_BSHD
+            v_buf[:, :S] = vc_BSHD
+        buffers = derived[("kv", layer)] = (k_buf, v_buf, S)
+    k_buf, v_buf, S = buffers
+    if torch.is_grad_enabled() and (k_BLHD.requires_grad or v_BLHD.requires_grad):
+        return torch.cat([k_buf[:, :S], k_BLHD], 1), torch.cat([v_buf[:, :S], v_BLHD], 1)
+    k_buf[:, S:] = k_BLHD
+    v_buf[:, S:] = v_BLHD
+    return k_buf, v_buf
+
+
 @dataclass(frozen=True)
 class KVCacheSnapshot:
     """A detached copy of a cache, for sessions that pause, branch or reset."""
@@ -156,6 +185,27 @@ class KVCache:
         """RoPE position of the first frame of the next chunk."""
         return self.num_filled
 
+    def key_rope(self, rope, gh: int, gw: int, camera_BF2: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of the cached keys in slot order (re-based positions, camera offsets when the
+        model anchors RoPE to the camera); computed once per cache state."""
+        tables = self.derived.get("rope")
+        if tables is None:
+            device = self.k_NBSHD.device
+            c_pos = torch.tensor(self.slot_positions(), dtype=torch.long, device=device)
+            c_cam = self.camera_BS2[:, : self.num_filled] if camera_BF2 is not None else None
+            if self.num_filled:
+                tables = rope.table(c_pos, gh, gw, c_cam)
+            else:
+                d = rope.cos.shape[1]
+                empty = torch.zeros((self.batch_size, 0, d) if c_cam is not None else (0, d), device=device)
+                tables = (empty, empty)
+            self.derived["rope"] = tables
+        return tables
+
+    def key_mask(self, query_tokens: int) -> None:
+        """Every row of a contiguous cache attends to the same keys: no mask."""
+        return None
+
     # --------------------------------------------------------------------------------- device side
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (no copy) of the filled keys and values of ``layer``: ``(B, S, H, D)`` each."""
@@ -175,21 +225,7 @@ class KVCache:
         kc_BSHD, vc_BSHD = self.read(layer)
         if not self.reuse_rotated:
             return torch.cat([rotate(kc_BSHD), k_BLHD], 1), torch.cat([vc_BSHD, v_BLHD], 1)
-        S, L = kc_BSHD.shape[1], k_BLHD.shape[1]
-        buffers = self.derived.get(("kv", layer))
-        if buffers is None or buffers[0].shape[1] != S + L or buffers[0].dtype != k_BLHD.dtype:
-            k_buf = k_BLHD.new_empty((k_BLHD.shape[0], S + L, *k_BLHD.shape[2:]))
-            v_buf = v_BLHD.new_empty((v_BLHD.shape[0], S + L, *v_BLHD.shape[2:]))
-            with torch.no_grad():
-                k_buf[:, :S] = rotate(kc_BSHD)
-                v_buf[:, :S] = vc_BSHD
-            buffers = self.derived[("kv", layer)] = (k_buf, v_buf)
-        k_buf, v_buf = buffers
-        if torch.is_grad_enabled() and (k_BLHD.requires_grad or v_BLHD.requires_grad):
-            return torch.cat([k_buf[:, :S], k_BLHD], 1), torch.cat([v_buf[:, :S], v_BLHD], 1)
-        k_buf[:, S:] = k_BLHD
-        v_buf[:, S:] = v_BLHD
-        return k_buf, v_buf
+        return with_chunk(self.derived, layer, lambda: (rotate(kc_BSHD), vc_BSHD), k_BLHD, v_BLHD)
 
     def write(self, layer: int, k_BLHD: torch.Tensor, v_BLHD: torch.Tensor) -> None:
         """Store the un-rotated keys/values of the chunk that follows the written frames.

@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,6 +42,8 @@ from streamkd.attention.dispatch import attention
 from streamkd.attention.layout import CausalLayout, block_causal_mask
 from streamkd.attention.sparse import BlockSparseConfig, sparse_self_attention
 from streamkd.cache.kv_cache import KVCache
+from streamkd.cache.memory import MemoryConfig, Packed, coarsen, compress_frame, pooled_centroids, replay
+from streamkd.cache.paged import PagedKVCache
 from streamkd.models.rope import Rope3D, apply_rope
 
 
@@ -122,7 +125,7 @@ class DiTConfig:
 class _SelfAttnPlan:
     """How self-attention runs in this forward; built once, shared by all blocks."""
 
-    mode: Literal["full", "chunked", "cached"]
+    mode: Literal["full", "chunked", "cached", "memory"]
     cos: torch.Tensor | None = None  # query (and, in "full", key) rotation
     sin: torch.Tensor | None = None
     mask: torch.Tensor | None = None
@@ -134,6 +137,10 @@ class _SelfAttnPlan:
     chunks: list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     sparse: BlockSparseConfig | None = None
     causal_chunk: int = 0  # block-causal "full": tokens per chunk (the sparse path's form of ``mask``)
+    # "memory": per query chunk (query token slice, per row: (attended pieces, q cos, q sin, k cos, k sin))
+    memory_chunks: list | None = None
+    memory: MemoryConfig | None = None
+    grid: tuple[int, int] = (0, 0)
 
     def attend(self, q_BLHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor, mask: torch.Tensor | None = None,
                q_offset: int | None = None) -> torch.Tensor:
@@ -189,9 +196,14 @@ class Attention(nn.Module):
             q = apply_rope(q_BLND, plan.cos, plan.sin)
             k_all, v_all = cache.attention_kv(layer, apply_rope(k_BLND, plan.cos, plan.sin), v_BLND,
                                               lambda kc: apply_rope(kc, plan.cache_cos, plan.cache_sin))
-            out_BLND = plan.attend(q, k_all, v_all)
+            if plan.mask is not None:  # rows of a paged batch attend to different numbers of keys
+                out_BLND = attention(q, k_all, v_all, plan.mask)
+            else:
+                out_BLND = plan.attend(q, k_all, v_all)
             if plan.write_cache:
                 cache.write(layer, k_BLND.detach(), v_BLND.detach())
+        elif plan.mode == "memory":
+            out_BLND = _memory_attention(q_BLND, k_BLND, v_BLND, plan)
         else:  # "chunked": reference path when sinks and window have a gap; see attention.layout
             outs = []
             for q_slice, k_index, q_cos, q_sin, k_cos, k_sin in plan.chunks:
@@ -200,6 +212,39 @@ class Attention(nn.Module):
                 outs.append(plan.attend(q, k, v_BLND[:, k_index]))
             out_BLND = torch.cat(outs, 1)
         return self.to_out(out_BLND.flatten(2))
+
+
+def _memory_attention(q_BLND: torch.Tensor, k_BLND: torch.Tensor, v_BLND: torch.Tensor, plan: _SelfAttnPlan) -> torch.Tensor:
+    """Full-sequence self-attention that reads, for every chunk and row, what a streaming paged
+    cache with memory reads (``streamkd.cache.memory.replay``): sinks, retrieved frames, the
+    compressed tier (pooled and quantized from the same layer's keys, as the cache does when a
+    frame leaves the window) and the window, then the chunk itself."""
+    T = plan.grid[0] * plan.grid[1]
+    outs = []
+    for q_slice, rows in plan.memory_chunks:
+        row_out = []
+        for b in range(q_BLND.shape[0]):
+            # one entry per row, or one for all rows (a model without camera: every row reads alike)
+            pieces, q_cos, q_sin, k_cos, k_sin = rows[b] if len(rows) > 1 else rows[0]
+            packed: dict[tuple[int, int], Packed] = {}
+            ks, vs = [], []
+            for f, _, _, level in pieces:
+                kf, vf = k_BLND[b, f * T : (f + 1) * T], v_BLND[b, f * T : (f + 1) * T]
+                if level:
+                    if (f, 1) not in packed:
+                        packed[f, 1] = compress_frame(kf, vf, plan.memory, plan.grid)
+                    if level == 2 and (f, 2) not in packed:
+                        packed[f, 2] = coarsen(packed[f, 1], plan.memory, plan.grid, kf.dtype)
+                    kf, vf = packed[f, level].unpack(kf.dtype)
+                ks.append(kf)
+                vs.append(vf)
+            k_mem = apply_rope(torch.cat(ks)[None], k_cos, k_sin) if ks else k_BLND[b : b + 1, :0]
+            q = apply_rope(q_BLND[b : b + 1, q_slice], q_cos, q_sin)
+            k = torch.cat([k_mem, apply_rope(k_BLND[b : b + 1, q_slice], q_cos, q_sin)], 1)
+            v = torch.cat([torch.cat(vs)[None] if vs else v_BLND[b : b + 1, :0], v_BLND[b : b + 1, q_slice]], 1)
+            row_out.append(attention(q, k, v))
+        outs.append(torch.cat(row_out))
+    return torch.cat(outs, 1)
 
 
 class FeedForward(nn.Module):
@@ -324,12 +369,21 @@ class DiT(nn.Module):
     def new_cache(
         self, *, batch_size: int, height: int, width: int, sink_frames: int, window_frames: int,
         chunk_frames: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-        reuse_rotated: bool = True,
-    ) -> KVCache:
+        reuse_rotated: bool = True, memory: MemoryConfig | None = None,
+    ) -> KVCache | PagedKVCache:
         """A cache sized for this model and a latent of ``height x width``. ``reuse_rotated=False``
         gives back the memory of the per-chunk rotated key/value buffers (one more copy of the
-        visible cache, see ``streamkd.cache.kv_cache``) for re-rotating the keys on every pass."""
+        visible cache, see ``streamkd.cache.kv_cache``) for re-rotating the keys on every pass.
+        With ``memory`` the cache is the paged store with its memory tiers (``streamkd.cache.paged``)."""
         param = self.proj_out.weight
+        if memory is not None:
+            _, ph, pw = self.cfg.patch_size
+            return PagedKVCache(
+                num_layers=self.cfg.num_layers, batch_size=batch_size, grid=(height // ph, width // pw),
+                num_heads=self.cfg.num_heads, head_dim=self.cfg.head_dim, sink_frames=sink_frames,
+                window_frames=window_frames, chunk_frames=chunk_frames, memory=memory,
+                use_camera=self.action_shifts is not None, dtype=dtype or param.dtype, device=device or param.device,
+            )
         return KVCache(
             num_layers=self.cfg.num_layers, batch_size=batch_size, tokens_per_frame=self.tokens_per_frame(height, width),
             num_heads=self.cfg.num_heads, head_dim=self.cfg.head_dim, sink_frames=sink_frames,
@@ -348,16 +402,13 @@ class DiT(nn.Module):
             q_pos = torch.arange(cache.query_position, cache.query_position + num_frames, device=device)
             cos, sin = rope(q_pos, gh, gw, camera_BF2)
             plan = _SelfAttnPlan("cached", cos, sin, cache=cache, write_cache=write_cache)
-            if cache.num_filled:
-                tables = cache.derived.get("rope")  # the same for every pass of a chunk
-                if tables is None:
-                    c_pos = torch.tensor(cache.slot_positions(), device=device)
-                    c_cam = cache.camera_BS2[:, : cache.num_filled] if camera_BF2 is not None else None
-                    tables = cache.derived["rope"] = rope(c_pos, gh, gw, c_cam)
-                plan.cache_cos, plan.cache_sin = tables
-            else:
-                plan.cache_cos, plan.cache_sin = cos[..., :0, :], sin[..., :0, :]
+            # the cache decides what the chunk reads (sinks, window and, on a paged cache, memory)
+            # and where RoPE places it; the tables are the same for every pass of a chunk
+            plan.cache_cos, plan.cache_sin = cache.key_rope(self.rope, gh, gw, camera_BF2)
+            plan.mask = cache.key_mask(num_frames * T)
             return plan
+        if layout is not None and layout.memory is not None and layout.memory.enabled:
+            return self._memory_plan(num_frames, gh, gw, layout, device, camera_BF2)
         if layout is None or not layout.evicts_within(num_frames):
             cos, sin = rope(torch.arange(num_frames, device=device), gh, gw, camera_BF2)
             mask = None if layout is None else block_causal_mask(num_frames, T, layout, device)
@@ -376,6 +427,40 @@ class DiT(nn.Module):
             k_cos, k_sin = rope(torch.tensor(positions, device=device), gh, gw, k_cam)
             chunks.append((slice(q0 * T, q1 * T), k_index, q_cos, q_sin, k_cos, k_sin))
         return _SelfAttnPlan("chunked", chunks=chunks)
+
+    def _memory_plan(self, num_frames: int, gh: int, gw: int, layout: CausalLayout, device: torch.device,
+                     camera_BF2: torch.Tensor | None) -> _SelfAttnPlan:
+        """Per chunk and row: what a streaming paged cache with ``layout.memory`` would read, and
+        the RoPE tables of those keys and of the chunk (see ``_memory_attention``)."""
+        memory = layout.memory
+        cams = None if camera_BF2 is None else [[tuple(c) for c in row] for row in camera_BF2.tolist()]
+        window = num_frames if layout.window_frames is None else layout.window_frames
+        per_row = replay(memory, sink_frames=layout.sink_frames, window_frames=window, chunk_frames=layout.chunk_frames,
+                         num_frames=num_frames, grid=(gh, gw), cameras=cams)
+        B = 1 if camera_BF2 is None else camera_BF2.shape[0]
+        T, F = gh * gw, layout.chunk_frames
+        chunks = []
+        for c, q0 in enumerate(range(0, num_frames, F)):
+            q1 = min(q0 + F, num_frames)
+            rows = []
+            for b in range(B):
+                pieces, q_first = per_row[b][c]
+                q_cam = None if camera_BF2 is None else camera_BF2[b : b + 1, q0:q1]
+                q_cos, q_sin = self.rope.table(torch.arange(q_first, q_first + q1 - q0, device=device), gh, gw, q_cam)
+                t_S, r_S, c_S = [], [], []
+                for _, t, cam, level in pieces:
+                    rr, cc = pooled_centroids((gh, gw), memory.pool if level else 1, level)
+                    off = cam if camera_BF2 is not None else (0, 0)
+                    t_S += [t] * len(rr)
+                    r_S.append(rr + off[0])
+                    c_S.append(cc + off[1])
+                t_S = torch.tensor(t_S, dtype=torch.long, device=device)[None]
+                r_S = torch.from_numpy(np.concatenate(r_S) if r_S else np.zeros(0)).to(device)[None]
+                c_S = torch.from_numpy(np.concatenate(c_S) if c_S else np.zeros(0)).to(device)[None]
+                k_cos, k_sin = self.rope.token_table(t_S, r_S, c_S)
+                rows.append((pieces, q_cos, q_sin, k_cos, k_sin))
+            chunks.append((slice(q0 * T, q1 * T), rows))
+        return _SelfAttnPlan("memory", memory_chunks=chunks, memory=memory, grid=(gh, gw))
 
     def _embed_patches(self, x_BCFHW: torch.Tensor) -> torch.Tensor:
         """``(B, L, E)`` tokens ordered (frame, row, column). The convolution's stride equals its

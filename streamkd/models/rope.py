@@ -97,6 +97,23 @@ class Rope3D(nn.Module):
             out.append(torch.cat([t_BFHWd, h_BFHWd, w_BFHWd], dim=-1).reshape(B, num_f * grid_h * grid_w, -1))
         return out[0], out[1]
 
+    def token_table(
+        self, t_BS: torch.Tensor, rows_BS: torch.Tensor, cols_BS: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``(B, S, D/2)`` of tokens at explicit positions: integer temporal positions,
+        float64 spatial ones (camera offsets included; pooled memory tokens sit at the centres of
+        their cells). For integer rows/cols this equals ``table`` bit for bit."""
+        if t_BS.numel() and int(t_BS.max()) >= self.max_len:
+            raise ValueError(f"RoPE position beyond max_len={self.max_len}; raise rope_max_seq_len")
+        ft = self.half_dims[0]
+        dev = rows_BS.device
+        ang_h = rows_BS.to(torch.float64)[..., None] * self.inv_freq_h.to(dev)
+        ang_w = cols_BS.to(torch.float64)[..., None] * self.inv_freq_w.to(dev)
+        out = []
+        for fn, full in ((torch.cos, self.cos), (torch.sin, self.sin)):
+            out.append(torch.cat([full[t_BS, :ft], fn(ang_h).float(), fn(ang_w).float()], dim=-1))
+        return out[0], out[1]
+
 
 def apply_rope(x_BLHD: torch.Tensor, cos_Ld: torch.Tensor, sin_Ld: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs of ``x`` by the per-token angles (``d = D/2``); the tables are shared

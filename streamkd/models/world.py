@@ -17,6 +17,7 @@ from torch import nn
 from streamkd.checkpoint import CheckpointError, atomic_save_safetensors, load_safetensors
 from streamkd.config import from_dict, to_dict
 from streamkd.data.toyworld import ACTION_DELTAS, ACTIONS, STYLE_VOCAB, ToyWorldConfig
+from streamkd.cache.memory import MemoryConfig
 from streamkd.models.codec import CodecConfig, PatchPCACodec
 from streamkd.models.conditioning import WordPromptEncoder
 from streamkd.models.dit import DiT, DiTConfig
@@ -33,6 +34,9 @@ class CausalConfig:
     """First frames kept in the KV cache forever."""
     window_frames: int = 6
     """Most recent frames kept in the KV cache ring."""
+    memory: MemoryConfig | None = None
+    """Memory beyond the window (compressed tier, memory bank; ``streamkd.cache.memory``); None:
+    sinks + window only, in the contiguous cache."""
 
     def __post_init__(self) -> None:
         if self.chunk_frames < 1 or self.sink_frames < 0 or self.window_frames < self.chunk_frames:
@@ -114,6 +118,16 @@ class WorldModelConfig:
     @property
     def latent_size(self) -> int:
         return self.world.frame_size // self.codec.patch
+
+    def memory_for_stream(self, memory: MemoryConfig | None) -> MemoryConfig | None:
+        """``memory`` with the toy world's torus period filled in (map size in DiT tokens) when
+        the model moves its camera in whole tokens and the config leaves it open."""
+        if memory is None or memory.wrap_tokens or self.toy_action_shifts() is None or self.dit.action_shifts is None:
+            return memory
+        token_px = self.codec.patch * self.dit.patch_size[1]
+        from dataclasses import replace
+
+        return replace(memory, wrap_tokens=self.world.map_size // token_px)
 
 
 SHIPPED = Path(__file__).resolve().parent.parent / "assets"

@@ -75,6 +75,7 @@ class StreamGenerator:
         self.cache = model.dit.new_cache(
             batch_size=self.rows, height=latent, width=latent, sink_frames=causal.sink_frames,
             window_frames=causal.window_frames, chunk_frames=causal.chunk_frames,
+            memory=model.cfg.memory_for_stream(causal.memory),
         )
         self.decoder = model.codec.stream_decoder()
         self.chunk_index = 0

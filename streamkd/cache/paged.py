@@ -1,0 +1,492 @@
+"""The paged KV store: every tier of a stream's memory is a list of pages in one shared pool.
+
+Legend: N layers, B streams (rows), P pages, T tokens per frame, H heads, D head dim, S keys.
+
+A *page* holds the pre-RoPE keys and values of one latent frame of one stream, for every layer:
+``pool.k[:, page]`` is ``(N, T, H, D)``. Pages are written once (the chunk's clean pass) and never
+modified, so sharing them is copy-on-write for free: a snapshot, a branch, the bank's copy of a
+frame leaving the window are all a page id and a reference count (PagedAttention's block table,
+flash-attn's ``block_table``, FlexAttention's paged attention). Each stream (``_Rows`` entry) owns
+only host-side tables:
+
+    sinks       page ids of the first frames, kept forever
+    window      (frame, page) of the most recent frames, oldest first
+    bank        frame -> page of the memory bank's full-resolution entries
+    compressed  frame -> ``Packed`` (int8 or float tokens, see ``streamkd.cache.memory``)
+    planner     which frame is in which tier (``MemoryPlanner``)
+
+Reading: before a chunk's first pass the cache gathers, per layer, the pages (and dequantized
+compressed tokens) a row attends to into one contiguous buffer, rotated once (camera-anchored
+RoPE per token), with room behind it for the chunk's own keys -- the chunk's later passes copy
+only their own tokens. That gather is the only per-chunk copy of history; a batch of streams at
+different points (different retrieved sets, different tier sizes) is one buffer padded to the
+longest row, with a key mask. Writing: the chunk's clean pass writes its new pages; ``commit``
+files them into the tables and applies the planner's transitions (compress, coarsen, drop, admit,
+evict, release).
+
+With ``MemoryConfig()`` (both tiers off) this is the sinks + window cache of
+``streamkd.cache.kv_cache`` on pages; tests check they agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from streamkd.cache.kv_cache import with_chunk
+from streamkd.cache.memory import (
+    MemoryConfig, MemoryPlanner, MemoryView, Packed, attended, coarsen, compress_frame, pooled_centroids,
+)
+
+
+class PagePool:
+    """Full-resolution pages ``(N, P, T, H, D)`` with reference counts; grows by doubling."""
+
+    def __init__(self, num_layers: int, tokens: int, heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str, capacity: int) -> None:
+        shape = (num_layers, max(capacity, 1), tokens, heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.refs = [0] * shape[1]
+        self.free = list(range(shape[1] - 1, -1, -1))
+        self.grows = 0
+
+    @property
+    def capacity(self) -> int:
+        return len(self.refs)
+
+    @property
+    def in_use(self) -> int:
+        return self.capacity - len(self.free)
+
+    def alloc(self) -> int:
+        if not self.free:
+            n = self.capacity
+            self.k = torch.cat([self.k, torch.zeros_like(self.k)], 1)
+            self.v = torch.cat([self.v, torch.zeros_like(self.v)], 1)
+            self.refs += [0] * n
+            self.free = list(range(2 * n - 1, n - 1, -1))
+            self.grows += 1
+        page = self.free.pop()
+        self.refs[page] = 1
+        return page
+
+    def incref(self, page: int) -> None:
+        assert self.refs[page] > 0, "page is free"
+        self.refs[page] += 1
+
+    def decref(self, page: int) -> None:
+        assert self.refs[page] > 0, "page is free"
+        self.refs[page] -= 1
+        if not self.refs[page]:
+            self.free.append(page)
+
+    @property
+    def page_bytes(self) -> int:
+        return 2 * self.k[:, 0].nbytes
+
+
+@dataclass
+class _Row:
+    """One stream's tables (host only)."""
+
+    planner: MemoryPlanner | None
+    sinks: list[int] = field(default_factory=list)
+    window: list[tuple[int, int]] = field(default_factory=list)  # (frame, page), oldest first
+    bank: dict[int, int] = field(default_factory=dict)  # frame -> page
+    compressed: dict[int, Packed] = field(default_factory=dict)
+    cameras: list[tuple[int, int]] = field(default_factory=list)  # per frame
+
+    def pages(self) -> list[int]:
+        return self.sinks + [p for _, p in self.window] + list(self.bank.values())
+
+    def copy(self) -> _Row:
+        return _Row(None if self.planner is None else self.planner.clone(), list(self.sinks), list(self.window),
+                    dict(self.bank), dict(self.compressed), list(self.cameras))
+
+
+@dataclass(frozen=True)
+class PagedSnapshot:
+    """Streams of a paged cache, by reference: their tables and the pages' extra references.
+
+    Taking one copies no key or value; the pages stay alive until ``release``. Rows of snapshots
+    taken at different stream positions can be batched (``concat``)."""
+
+    pool: PagePool
+    rows_: tuple[_Row, ...]
+    frames_written: tuple[int, ...]
+    device_state: dict[str, torch.Tensor]
+    memory: MemoryConfig
+    layout: tuple[int, int, int]  # sinks, window, chunk
+
+    def rows(self, index: list[int]) -> PagedSnapshot:
+        state = {k: v[index] for k, v in self.device_state.items()}
+        rows = tuple(self.rows_[i].copy() for i in index)
+        for r in rows:
+            for p in r.pages():
+                self.pool.incref(p)
+        return PagedSnapshot(self.pool, rows, tuple(self.frames_written[i] for i in index), state, self.memory, self.layout)
+
+    @staticmethod
+    def concat(parts: list[PagedSnapshot]) -> PagedSnapshot:
+        first = parts[0]
+        if any(p.pool is not first.pool or p.memory != first.memory or p.layout != first.layout for p in parts):
+            raise ValueError("snapshots of different page pools or memory layouts cannot be batched")
+        rows = tuple(r.copy() for p in parts for r in p.rows_)
+        for r in rows:
+            for pg in r.pages():
+                first.pool.incref(pg)
+        keys = first.device_state.keys()
+        state = {k: torch.cat([p.device_state[k] for p in parts]) for k in keys}
+        return PagedSnapshot(first.pool, rows, tuple(f for p in parts for f in p.frames_written), state,
+                             first.memory, first.layout)
+
+    def release(self) -> None:
+        """Give back this snapshot's page references (it must not be used afterwards)."""
+        for r in self.rows_:
+            for p in r.pages():
+                self.pool.decref(p)
+
+
+class PagedKVCache:
+    """Sinks, window, compressed tier and memory bank of ``B`` streams, on one page pool.
+
+    The interface the DiT uses is the one of ``KVCache`` (``attention_kv``, ``write``,
+    ``write_camera``, ``commit``, ``key_rope``, ...), plus ``key_mask`` for batches whose rows
+    attend to different numbers of keys.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        batch_size: int,
+        grid: tuple[int, int],
+        num_heads: int,
+        head_dim: int,
+        sink_frames: int,
+        window_frames: int,
+        chunk_frames: int,
+        memory: MemoryConfig,
+        use_camera: bool,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        pool: PagePool | None = None,
+    ) -> None:
+        if window_frames < chunk_frames:
+            raise ValueError(f"window_frames ({window_frames}) must be >= chunk_frames ({chunk_frames})")
+        memory.check(*grid, chunk_frames)
+        self.num_layers, self.grid = num_layers, grid
+        self.tokens_per_frame = grid[0] * grid[1]
+        self.sink_frames, self.window_frames, self.chunk_frames = sink_frames, window_frames, chunk_frames
+        self.memory, self.use_camera = memory, use_camera
+        self.dtype, self.device = dtype, torch.device(device)
+        per_row = sink_frames + window_frames + chunk_frames + memory.bank_frames
+        self.pool = pool or PagePool(num_layers, self.tokens_per_frame, num_heads, head_dim, dtype, device,
+                                     batch_size * per_row)
+        self._rows = [self._new_row() for _ in range(batch_size)]
+        self.camera_last_B2 = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
+        self.anchor_BCHW: torch.Tensor | None = None
+        self.anchor_camera_B2 = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
+        self.anchor_valid_B = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.camera_known_B = torch.ones(batch_size, dtype=torch.bool, device=device)
+        self._pending: list[list[int]] | None = None  # new pages per row of the chunk being written
+        self._pending_cameras: list[list[tuple[int, int]]] | None = None
+        self.derived: dict = {}
+        self.stats = {"gathered_tokens": 0, "retrieved": 0, "chunks": 0}
+
+    def _new_row(self) -> _Row:
+        planner = None
+        if self.memory.enabled:
+            planner = MemoryPlanner(self.memory, sink_frames=self.sink_frames, window_frames=self.window_frames,
+                                    grid=self.grid, use_camera=self.use_camera)
+        return _Row(planner)
+
+    # ----------------------------------------------------------------------------------- host side
+    @property
+    def batch_size(self) -> int:
+        return len(self._rows)
+
+    @property
+    def frames_written(self) -> int:
+        counts = {len(r.cameras) for r in self._rows}
+        if len(counts) != 1:
+            raise ValueError("rows of this cache are at different stream positions; ask each row")
+        return counts.pop()
+
+    def _n_sinks(self, r: _Row) -> int:
+        return len(r.sinks)
+
+    @property
+    def num_filled(self) -> int:
+        """Sink + window frames of row 0 (every row of a batch must agree: they share query positions)."""
+        return len(self._rows[0].sinks) + len(self._rows[0].window)
+
+    @property
+    def query_position(self) -> int:
+        pos = {len(r.sinks) + len(r.window) for r in self._rows}
+        if len(pos) != 1:
+            raise ValueError("rows of a batch must have the same number of sink + window frames (the chunk's "
+                             "temporal RoPE position); batch sessions once their windows are full")
+        return pos.pop()
+
+    # ------------------------------------------------------------------------------- the read side
+    def _views(self, camera_BF2: torch.Tensor | None) -> list[MemoryView]:
+        views = self.derived.get("views")
+        if views is None:
+            cams = camera_BF2.tolist() if camera_BF2 is not None else None
+            views = []
+            for b, r in enumerate(self._rows):
+                if r.planner is None:
+                    views.append(MemoryView())
+                else:
+                    views.append(r.planner.view([tuple(c) for c in cams[b]] if cams is not None else None))
+            self.derived["views"] = views
+            self.stats["chunks"] += 1
+            self.stats["retrieved"] += sum(len(v.retrieved) for v in views)
+        return views
+
+    def _layout(self, camera_BF2: torch.Tensor | None) -> list[list[tuple]]:
+        """Per row, the attended pieces in token order ``[sinks | retrieved | compressed | window]``
+        (``streamkd.cache.memory.attended``): ``(kind, ref, t_pos, camera, level)`` with kind
+        ``page`` (ref: page id) or ``packed`` (ref: frame of the compressed tier)."""
+        pieces = self.derived.get("pieces")
+        if pieces is not None:
+            return pieces
+        views = self._views(camera_BF2)
+        near_all = camera_BF2[:, 0].tolist() if camera_BF2 is not None else None
+        pieces = []
+        for b, (r, view) in enumerate(zip(self._rows, views)):
+            near = tuple(near_all[b]) if near_all is not None else (0, 0)
+            page_of = {f: p for f, p in enumerate(r.sinks)} | dict(r.window) | r.bank
+            order = attended(r.planner, list(range(len(r.sinks))), [f for f, _ in r.window], view, r.cameras, near,
+                             self.memory.wrap_tokens)
+            pieces.append([("page", page_of[f], t, cam, 0) if level == 0 else ("packed", f, t, cam, level)
+                           for f, t, cam, level in order])
+        self.derived["pieces"] = pieces
+        return pieces
+
+    def _piece_tokens(self, level: int) -> int:
+        return self.tokens_per_frame // (self.memory.pool ** (2 * level)) if level else self.tokens_per_frame
+
+    def key_rope(self, rope, gh: int, gw: int, camera_BF2: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``(B, S, D/2)`` of every attended key (once per cache state)."""
+        tables = self.derived.get("rope")
+        if tables is not None:
+            return tables
+        pieces = self._layout(camera_BF2)
+        S = max(sum(self._piece_tokens(p[4]) for p in row) for row in pieces)
+        B = len(pieces)
+        t_BS = np.zeros((B, S), dtype=np.int64)
+        r_BS = np.zeros((B, S), dtype=np.float64)
+        c_BS = np.zeros((B, S), dtype=np.float64)
+        grid_r, grid_c = pooled_centroids((gh, gw), 1, 0)
+        for b, row in enumerate(pieces):
+            at = 0
+            for kind, _, t, cam, level in row:
+                rr, cc = (grid_r, grid_c) if level == 0 else pooled_centroids((gh, gw), self.memory.pool, level)
+                n = len(rr)
+                cam = cam if camera_BF2 is not None else (0, 0)
+                t_BS[b, at : at + n] = t
+                r_BS[b, at : at + n] = rr + cam[0]
+                c_BS[b, at : at + n] = cc + cam[1]
+                at += n
+        dev = self.device
+        tables = rope.token_table(torch.from_numpy(t_BS).to(dev), torch.from_numpy(r_BS).to(dev),
+                                  torch.from_numpy(c_BS).to(dev))
+        self.derived["rope"] = tables
+        return tables
+
+    def key_mask(self, query_tokens: int) -> torch.Tensor | None:
+        """``(B, 1, 1, S + L)`` True = attend, when rows attend to different numbers of keys; else None."""
+        pieces = self.derived["pieces"]
+        lens = [sum(self._piece_tokens(p[4]) for p in row) for row in pieces]
+        if len(set(lens)) == 1:
+            return None
+        S = max(lens)
+        keep = torch.arange(S + query_tokens, device=self.device)[None] < torch.tensor(lens, device=self.device)[:, None]
+        keep[:, S:] = True
+        return keep[:, None, None]
+
+    def _gather(self, layer: int, pieces: list[list[tuple]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        S = max(sum(self._piece_tokens(p[4]) for p in row) for row in pieces)
+        B = len(pieces)
+        H, D = self.pool.k.shape[-2:]
+        k = torch.zeros(B, S, H, D, dtype=self.dtype, device=self.device)
+        v = torch.zeros(B, S, H, D, dtype=self.dtype, device=self.device)
+        for b, row in enumerate(pieces):
+            at = 0
+            pages = [p[1] for p in row if p[0] == "page"]
+            if len(pages) == len(row):  # all full-resolution: one indexed copy
+                n = len(pages) * self.tokens_per_frame
+                idx = torch.tensor(pages, dtype=torch.long, device=self.device)
+                k[b, :n] = self.pool.k[layer, idx].flatten(0, 1)
+                v[b, :n] = self.pool.v[layer, idx].flatten(0, 1)
+                continue
+            r = self._rows[b]
+            for kind, ref, _, _, level in row:
+                if kind == "page":
+                    kk, vv = self.pool.k[layer, ref], self.pool.v[layer, ref]
+                else:
+                    kk, vv = r.compressed[ref].layer(layer).unpack(self.dtype)
+                n = kk.shape[0]
+                k[b, at : at + n] = kk
+                v[b, at : at + n] = vv
+                at += n
+        self.stats["gathered_tokens"] += B * S
+        return k, v, S
+
+    def attention_kv(
+        self, layer: int, k_BLHD: torch.Tensor, v_BLHD: torch.Tensor, rotate: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attended keys (rotated by ``rotate``) and values, followed by the chunk's own."""
+        def history() -> tuple[torch.Tensor, torch.Tensor]:
+            kc, vc, _ = self._gather(layer, self.derived["pieces"])
+            return rotate(kc), vc
+
+        return with_chunk(self.derived, layer, history, k_BLHD, v_BLHD)
+
+    # ------------------------------------------------------------------------------ the write side
+    def write(self, layer: int, k_BLHD: torch.Tensor, v_BLHD: torch.Tensor) -> None:
+        """Store the un-rotated keys/values of the chunk that follows the written frames."""
+        T = self.tokens_per_frame
+        num_frames = k_BLHD.shape[1] // T
+        assert k_BLHD.shape[1] == num_frames * T, "chunk is not a whole number of frames"
+        if self._pending is None:
+            self._pending = [[self.pool.alloc() for _ in range(num_frames)] for _ in self._rows]
+        assert len(self._pending[0]) == num_frames, "layers wrote chunks of different lengths"
+        idx = torch.tensor([p for row in self._pending for p in row], dtype=torch.long, device=self.device)
+        self.pool.k[layer, idx] = k_BLHD.reshape(-1, T, *k_BLHD.shape[2:]).to(self.dtype)
+        self.pool.v[layer, idx] = v_BLHD.reshape(-1, T, *v_BLHD.shape[2:]).to(self.dtype)
+
+    def write_anchor(self, anchor_BCHW: torch.Tensor, camera_B2: torch.Tensor, valid_B: torch.Tensor) -> None:
+        assert all(not r.cameras for r in self._rows), "the anchor is the stream's first frame"
+        if self.anchor_BCHW is None or self.anchor_BCHW.shape != anchor_BCHW.shape:
+            self.anchor_BCHW = torch.empty_like(anchor_BCHW)
+        self.anchor_BCHW.copy_(anchor_BCHW)
+        self.anchor_camera_B2.copy_(camera_B2)
+        self.anchor_valid_B.copy_(valid_B)
+
+    def write_camera(self, camera_BF2: torch.Tensor) -> None:
+        assert self._pending is not None and len(self._pending[0]) == camera_BF2.shape[1], \
+            "write the chunk's keys before its camera offsets"
+        self._pending_cameras = [[tuple(c) for c in row] for row in camera_BF2.tolist()]
+        self.camera_last_B2.copy_(camera_BF2[:, -1])
+
+    def commit(self) -> None:
+        """File the chunk's new pages into the tables and move frames between tiers."""
+        assert self._pending is not None, "commit without write"
+        cams = self._pending_cameras or [[(0, 0)] * len(p) for p in self._pending]
+        for b, (r, pages) in enumerate(zip(self._rows, self._pending)):
+            start = len(r.cameras)
+            r.cameras += cams[b]
+            for i, page in enumerate(pages):
+                f = start + i
+                if f < self.sink_frames:
+                    r.sinks.append(page)
+                else:
+                    r.window.append((f, page))
+            if r.planner is None:
+                while len(r.window) > self.window_frames:
+                    self.pool.decref(r.window.pop(0)[1])
+                continue
+            mean_keys = None
+            if not r.planner.use_camera and self.memory.bank_frames:
+                mean_keys = [self.pool.k[0, p].float().mean(dim=(0, 1)).flatten() for p in pages]
+            transitions = r.planner.commit(cams[b], mean_keys)
+            leaving = {}
+            while len(r.window) > self.window_frames:
+                f, page = r.window.pop(0)
+                leaving[f] = page
+            self._apply(r, transitions, leaving)
+        self._pending = None
+        self._pending_cameras = None
+        self.derived.clear()
+
+    def _apply(self, r: _Row, transitions, leaving: dict[int, int]) -> None:
+        for tr in transitions:
+            f = tr.frame
+            if tr.kind == "compress":
+                page = leaving[f]
+                r.compressed[f] = compress_frame(self.pool.k[:, page], self.pool.v[:, page], self.memory, self.grid)
+            elif tr.kind == "coarsen":
+                r.compressed[f] = coarsen(r.compressed[f], self.memory, self.grid, self.dtype)
+            elif tr.kind == "drop_compressed":
+                del r.compressed[f]
+            elif tr.kind == "admit":
+                r.bank[f] = leaving[f]  # the frame's own page: no copy
+            elif tr.kind == "evict":
+                self.pool.decref(r.bank.pop(f))
+            elif tr.kind == "release":
+                self.pool.decref(leaving[f])
+
+    def reset(self) -> None:
+        for r in self._rows:
+            for p in r.pages():
+                self.pool.decref(p)
+        self._rows = [self._new_row() for _ in self._rows]
+        self._pending = None
+        self.derived.clear()
+        self.camera_last_B2.zero_()
+        self.anchor_valid_B.zero_()
+        self.camera_known_B.fill_(True)
+
+    # ------------------------------------------------------------------------------- snapshots
+    def _device_state(self) -> dict[str, torch.Tensor]:
+        state = {"camera_last": self.camera_last_B2, "anchor_camera": self.anchor_camera_B2,
+                 "anchor_valid": self.anchor_valid_B, "camera_known": self.camera_known_B}
+        if self.anchor_BCHW is not None:
+            state["anchor"] = self.anchor_BCHW
+        return {k: v.clone() for k, v in state.items()}
+
+    def snapshot(self) -> PagedSnapshot:
+        """The streams by reference (page tables + references): copies no key or value."""
+        rows = tuple(r.copy() for r in self._rows)
+        for r in rows:
+            for p in r.pages():
+                self.pool.incref(p)
+        return PagedSnapshot(self.pool, rows, tuple(len(r.cameras) for r in self._rows), self._device_state(),
+                             self.memory, (self.sink_frames, self.window_frames, self.chunk_frames))
+
+    def restore(self, snap: PagedSnapshot) -> None:
+        if snap.pool is not self.pool:
+            raise ValueError("snapshot belongs to another page pool")
+        if snap.memory != self.memory or snap.layout != (self.sink_frames, self.window_frames, self.chunk_frames):
+            raise ValueError(f"snapshot of another memory layout (memory {snap.memory}, sinks/window/chunk "
+                             f"{snap.layout}); restore it into a cache built with the same causal config")
+        for r in self._rows:
+            for p in r.pages():
+                self.pool.decref(p)
+        self._rows = [r.copy() for r in snap.rows_]
+        for r in self._rows:
+            for p in r.pages():
+                self.pool.incref(p)
+        B = len(self._rows)
+        st = snap.device_state
+        self.camera_last_B2 = st["camera_last"].clone()
+        self.anchor_camera_B2 = st["anchor_camera"].clone()
+        self.anchor_valid_B = st["anchor_valid"].clone()
+        self.camera_known_B = st["camera_known"].clone()
+        self.anchor_BCHW = st["anchor"].clone() if "anchor" in st else None
+        assert self.camera_last_B2.shape[0] == B
+        self._pending = None
+        self.derived.clear()
+
+    # ------------------------------------------------------------------------------------ sizes
+    def tier_bytes(self) -> dict[str, int]:
+        """Bytes held per tier over all rows (pages shared between rows counted once per row)."""
+        page = self.pool.page_bytes
+        out = {"sinks": 0, "window": 0, "bank": 0, "compressed": 0}
+        for r in self._rows:
+            out["sinks"] += page * len(r.sinks)
+            out["window"] += page * len(r.window)
+            out["bank"] += page * len(r.bank)
+            out["compressed"] += sum(p.nbytes for p in r.compressed.values())
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.tier_bytes().values())
