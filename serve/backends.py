@@ -21,6 +21,13 @@ ring slots into age order (oldest first) and setting ``frames_written = sinks + 
 nothing but summation order. After every chunk the caches are rebased, so all sessions past the
 warm-up share one layout and batch together. Gather and scatter copy each session's cache twice
 per chunk (a few MB for the toy student), small next to five model passes.
+
+A checkpoint with memory (``causal.memory``) streams on the paged store instead: every session's
+pages live in one ``PagePool`` of the backend, a session's cache is a set of page tables, and a
+batch is made of its sessions' tables -- gather and scatter copy no key or value (references
+only), rows at different points of their streams batch as long as their sink + window counts
+agree (different retrieved sets and tier sizes are padded with a key mask), and ``rebase`` has
+nothing to do (pages carry no ring order).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ import numpy as np
 import torch
 
 from streamkd.cache.kv_cache import KVCache, KVCacheSnapshot
+from streamkd.cache.memory import MemoryConfig
+from streamkd.cache.paged import PagedKVCache, PagedSnapshot, PagePool
 from streamkd.data.toyworld import ACTION_DELTAS, ToyWorld
 from streamkd.generate import first_frame_for
 from streamkd.models.world import WorldModel
@@ -60,6 +69,8 @@ def rebase(cache: KVCache) -> None:
     offset); only slot order does -- see the module docstring. A cache that has not wrapped is
     already in age order and is left alone.
     """
+    if isinstance(cache, PagedKVCache):
+        return  # page tables are kept oldest first
     full = cache.sink_frames + cache.window_frames
     if cache.frames_written <= full:
         return
@@ -126,10 +137,21 @@ class ModelBackend:
         self.frame_size = model.cfg.world.frame_size
         self.chunk_frames = self.causal.chunk_frames
         self._scratch: StreamGenerator | None = None  # see _scratch_for
+        self.pool: PagePool | None = None
+        if self.causal.memory is not None:  # one pool for every session's pages
+            dit, latent = model.dit, model.cfg.latent_size
+            _, ph, pw = dit.cfg.patch_size
+            param = dit.proj_out.weight
+            per_stream = self.causal.sink_frames + self.causal.window_frames + self.causal.chunk_frames + self.causal.memory.bank_frames
+            self.pool = PagePool(dit.cfg.num_layers, (latent // ph) * (latent // pw), dit.cfg.num_heads, dit.cfg.head_dim,
+                                 param.dtype, param.device, per_stream * max_batch)
+        self.copied_bytes = 0
+        """Bytes of cached keys/values copied by batching (gather + scatter) so far: the contiguous
+        cache copies every session's cache twice per batched chunk, the paged store none."""
 
     def _generator(self, batch_size: int) -> StreamGenerator:
         return StreamGenerator(self.model, self.sampling.make(), causal=self.causal,
-                               guidance_scale=self.sampling.guidance_scale, batch_size=batch_size)
+                               guidance_scale=self.sampling.guidance_scale, batch_size=batch_size, pool=self.pool)
 
     def world_first_frame(self, seed: int, prompt: str) -> np.ndarray:
         return first_frame_for(self.model, seed, prompt)
@@ -192,7 +214,15 @@ class ModelBackend:
         B, halves = len(gens), big.rows // big.batch_size
         order = [(h, b) for h in range(halves) for b in range(B)]
         snaps = [g.cache.snapshot() for g in gens]
-        big.cache.restore(KVCacheSnapshot.concat([snaps[b].rows([h]) for h, b in order]))
+        if isinstance(big.cache, PagedKVCache):  # page tables by reference: no key or value copied
+            parts = [snaps[b].rows([h]) for h, b in order]
+            joined = PagedSnapshot.concat(parts)
+            big.cache.restore(joined)
+            for snap in (*snaps, *parts, joined):
+                snap.release()
+        else:
+            big.cache.restore(KVCacheSnapshot.concat([snaps[b].rows([h]) for h, b in order]))
+            self.copied_bytes += 2 * sum(s.k.nbytes + s.v.nbytes for s in snaps)
         big.context = torch.cat([gens[b].context[h : h + 1] for h, b in order])
         fixed = gens[0].chunk_index == 0 and gens[0].first_latent is not None
         big.first_latent = torch.cat([g.first_latent for g in gens]) if fixed else None
@@ -204,8 +234,25 @@ class ModelBackend:
         halves = big.rows // big.batch_size
         for b, g in enumerate(gens):
             rows = self._rows(len(gens), b, halves)
-            g.cache.restore(snap.rows(rows))
+            part = snap.rows(rows)
+            g.cache.restore(part)
+            if isinstance(part, PagedSnapshot):
+                part.release()
             g.chunk_index += 1
+        if isinstance(snap, PagedSnapshot):
+            snap.release()
+            big.cache.reset()  # the scratch keeps no reference: an ended session's pages go back at once
+
+    def memory_stats(self, stream: ModelStream) -> dict | None:
+        """Memory tiers of a session (bytes, pages) and retrieval counts, for the server's stats."""
+        cache = stream.gen.cache
+        if not isinstance(cache, PagedKVCache):
+            return None
+        row = cache._rows[0]
+        return {"tier_bytes": cache.tier_bytes(), "bank_frames": len(row.bank), "compressed_frames": len(row.compressed),
+                "retrieved_last_chunk": row.retrieved_last, "retrieved_total": row.retrieved_total,
+                "pool_pages_in_use": cache.pool.in_use, "pool_pages": cache.pool.capacity,
+                "batch_copied_bytes": self.copied_bytes}
 
     @torch.no_grad()
     def switch_prompt(self, stream: ModelStream, prompt: str) -> None:
@@ -225,9 +272,26 @@ class ModelBackend:
         assert len(frames) == cache.num_filled, "visible-frame history out of step with the cache"
         if not frames:
             return
-        camera = cache.camera_BS2[:, : cache.num_filled].clone()
         halves = gen.rows // gen.batch_size
-        cache.reset()
+        paged = isinstance(cache, PagedKVCache)
+        if paged:
+            # re-write sinks + window into a scratch paged cache without memory (same pool), then
+            # take its pages; the memory tiers keep the keys they were written with
+            target = cache
+            camera = torch.tensor([[list(c) for c in cache._rows[h].cameras] for h in range(halves)], dtype=torch.long)
+            kept = [f for f, _, _ in frames]
+            camera = camera[:, kept] if camera.numel() else camera
+            cache = dit.new_cache(batch_size=gen.rows, height=self.model.cfg.latent_size, width=self.model.cfg.latent_size,
+                                  sink_frames=self.causal.sink_frames, window_frames=self.causal.window_frames,
+                                  chunk_frames=self.chunk_frames, memory=MemoryConfig(), pool=self.pool)
+            if target.anchor_BCHW is not None:
+                cache.anchor_BCHW = target.anchor_BCHW.clone()
+            cache.anchor_camera_B2.copy_(target.anchor_camera_B2)
+            cache.anchor_valid_B.copy_(target.anchor_valid_B)
+            cache.camera_known_B.copy_(target.camera_known_B)
+        else:
+            camera = cache.camera_BS2[:, : cache.num_filled].clone()
+            cache.reset()
         F = self.chunk_frames
         start = 0
         while start < len(frames):
@@ -245,6 +309,10 @@ class ModelBackend:
             dit(x, torch.zeros(halves, len(group)), gen.context, a if dit.action_embed is not None else None,
                 cache=cache, write_cache=True, output=False)
             start = end
+        if paged:
+            target.replace_recent(cache)
+            target.camera_known_B.copy_(cache.camera_known_B)
+            cache.reset()
 
 
 @dataclass

@@ -381,12 +381,16 @@ class Engine:
                     s.t0 = time.monotonic() - (s.chunk_seq - self.cfg.lead_chunks) * self.chunk_frames / s.fps
                 s.paused = c.paused
         elif isinstance(c, _Stats):
-            s.outbox.put_event({
+            event = {
                 "type": "stats", "epoch": s.epoch, "frames_generated": s.frames_generated,
                 "frames_dropped": s.outbox.dropped_total, "queued_frames": len(s.outbox),
                 "chunk_ms": round(s.last_chunk_ms, 2), "batch_size": s.last_batch,
                 "action_seq_applied": s.applied_action_seq, "paused": s.paused, "sessions": len(self._sessions),
-            })
+            }
+            memory_stats = getattr(self.backend, "memory_stats", None)
+            if memory_stats is not None and s.stream is not None and (memory := memory_stats(s.stream)) is not None:
+                event["memory"] = memory  # tier sizes and retrieval counts of a memory checkpoint
+            s.outbox.put_event(event)
         else:
             raise AssertionError(f"unknown command {c!r}")
 

@@ -217,3 +217,39 @@ def test_dmd_with_an_ode_regression_term(teacher_dir: Path, tmp_path: Path) -> N
     assert first["dmd_loss"] == pytest.approx(first["dmd_term"] + 0.5 * first["ode_loss"], rel=1e-5)
     with pytest.raises(ValueError, match="ode_weight must be >= 0"):
         replace(cfg, ode_weight=-1.0)
+
+
+MEMORY = dict(compressed_frames=2, fine_frames=1, bank_frames=2, retrieve_frames=1)
+
+
+def test_memory_training_observes_revisits_and_regresses_the_way_back(teacher_dir: Path, tmp_path: Path) -> None:
+    """memory_weight: the way out of a revisit trajectory is observed (every tier written), the
+    way back generated with a graph at each chunk and regressed onto the rendered truth; rollouts
+    follow revisit trajectories for revisit_share of the batch; the student sees no other change."""
+    from streamkd.cache.memory import MemoryConfig
+
+    causal = CausalConfig(2, 2, 2, memory=MemoryConfig(**MEMORY))
+    cfg = _distill_cfg(teacher_dir, tmp_path, causal=causal, memory_weight=1.0, memory_rows=1, history_drop=0.5,
+                       revisit_share=0.5, max_steps=2, critic_ratio=1)
+    trainer = DistillTrainer(cfg)
+    loss = trainer._memory_loss()
+    assert loss.requires_grad and torch.isfinite(loss)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.student.dit.parameters())
+    batch = collate_clips([trainer.data[i] for i in range(2)])
+    actions = trainer._dmd_batch_actions(batch)
+    assert torch.equal(actions[1], batch["actions"][1]) and not torch.equal(actions[0], batch["actions"][0])
+    history = trainer.train(progress=False)
+    assert all("memory_loss" in h for h in history)
+    student = WorldModel.load(tmp_path / "final")
+    assert student.cfg.causal.memory == MemoryConfig(**MEMORY)  # the memory layout ships with the student
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"memory_weight": 1.0}, "memory_weight > 0 trains the student to read memory: set causal.memory"),
+    ({"revisit_share": 1.5}, "revisit_share and history_drop must be in"),
+    ({"memory_weight": -1.0}, "memory_weight must be >= 0"),
+])
+def test_bad_memory_training_options(teacher_dir: Path, tmp_path: Path, change: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _distill_cfg(teacher_dir, tmp_path, **change)

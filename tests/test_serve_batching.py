@@ -10,6 +10,7 @@ import torch
 from streamkd.data.toyworld import ToyClipDataset, ToyWorldConfig, render
 from streamkd.models.codec import CodecConfig
 from streamkd.models.dit import DiTConfig
+from streamkd.cache.memory import MemoryConfig
 from streamkd.models.world import CausalConfig, SamplingConfig, WorldModel, WorldModelConfig
 from streamkd.serve.backends import ModelBackend, StreamSpec, layout_key, rebase
 
@@ -51,16 +52,20 @@ def _actions(i: int, chunk: int) -> int:
 @pytest.mark.parametrize("anchor_warp", [False, True], ids=["camera-rope", "anchor-warp"])
 def test_batched_sessions_equal_unbatched(causal: CausalConfig, anchor_warp: bool) -> None:
     model = tiny_causal_model(causal, anchor_warp=anchor_warp)
-    backend = ModelBackend(model)
-    joins = [0, 0, 3, 4]  # sessions join at different ticks: different cache fill and ring phase
-    ticks = 9
+    # sessions join at different ticks: different cache fill and ring phase
+    _batched_equals_alone(ModelBackend(model), model, joins=[0, 0, 3, 4], ticks=9)
+
+
+def _batched_equals_alone(backend: ModelBackend, model: WorldModel, joins: list[int], ticks: int) -> dict:
+    """Each session stepped alone, then all of them stepped by groups of equal ``group_key`` as the
+    engine does: the frames agree (to uint8 rounding) and, after warm-up, everyone shares one
+    batch. Returns the batched sessions' streams."""
     alone: dict[int, list[np.ndarray]] = {}
     for i, join in enumerate(joins):
         stream = backend.start(_spec(i, model.cfg.world))
         alone[i] = [backend.step([stream], [_actions(i, c)])[0] for c in range(ticks - join)]
-
-    streams, got = {}, {i: [] for i in range(len(joins))}
-    batch_sizes = []
+        stream.gen.cache.reset()
+    streams, got, batch_sizes = {}, {i: [] for i in range(len(joins))}, []
     for tick in range(ticks):
         for i, join in enumerate(joins):
             if join == tick:
@@ -78,6 +83,53 @@ def test_batched_sessions_equal_unbatched(causal: CausalConfig, anchor_warp: boo
         a, b = np.stack(alone[i]).astype(int), np.stack(got[i]).astype(int)
         assert a.shape == b.shape
         assert np.abs(a - b).max() <= 1, f"session {i}: batched frames differ from unbatched"
+    return streams
+
+
+MEMORY = MemoryConfig(compressed_frames=4, fine_frames=2, bank_frames=4, retrieve_frames=2, admit_coverage=0.1)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0], ids=["plain", "cfg"])
+def test_memory_sessions_batch_by_page_tables(guidance: float) -> None:
+    """A memory checkpoint: sessions at different points of their streams (different retrieved
+    sets and tier sizes) batch into one forward by their page tables, give what they give alone,
+    and batching copies no cached key or value."""
+    model = tiny_causal_model(CausalConfig(2, 1, 4, memory=MEMORY), guidance=guidance)
+    backend = ModelBackend(model)
+    streams = _batched_equals_alone(backend, model, joins=[0, 0, 3, 5], ticks=14)
+    assert backend.copied_bytes == 0
+    stats = backend.memory_stats(streams[0])
+    assert stats["tier_bytes"]["compressed"] > 0 and stats["bank_frames"] > 0 and stats["retrieved_total"] > 0
+    # ending sessions gives their pages back to the shared pool
+    for st in streams.values():
+        st.gen.cache.reset()
+    assert backend.pool.in_use == 0
+
+
+def test_memory_recache_rewrites_recent_keys_and_keeps_tiers() -> None:
+    """The prompt re-cache of a memory checkpoint re-writes sinks + window (same prompt, nothing
+    evicted: the same keys) and leaves the memory tiers as they are (documented limitation)."""
+    model = tiny_causal_model(CausalConfig(2, 1, 4, memory=MEMORY), guidance=1.0)
+    backend = ModelBackend(model)
+    stream = backend.start(_spec(0, model.cfg.world))
+    for c in range(2):  # 4 frames: nothing evicted yet
+        backend.step([stream], [_actions(3, c)])
+    cache = stream.gen.cache
+    pages = lambda: cache._rows[0].sinks + [p for _, p in cache._rows[0].window]  # noqa: E731
+    k_before = cache.pool.k[:, pages()].clone()
+    backend.switch_prompt(stream, PROMPTS[0])
+    torch.testing.assert_close(cache.pool.k[:, pages()], k_before, atol=2e-5, rtol=0)
+    for c in range(2, 8):
+        backend.step([stream], [_actions(3, c)])
+    row = cache._rows[0]
+    bank, compressed = dict(row.bank), dict(row.compressed)
+    k_before = cache.pool.k[:, pages()].clone()
+    backend.switch_prompt(stream, PROMPTS[1])
+    row = cache._rows[0]
+    assert row.bank == bank and row.compressed == compressed
+    assert not torch.allclose(cache.pool.k[:, pages()], k_before)
+    frames = backend.step([stream], [1])[0]
+    assert frames.shape == (2, 32, 32, 3)
 
 
 def test_rebase_keeps_the_next_chunk() -> None:

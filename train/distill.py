@@ -100,6 +100,22 @@ class DistillConfig:
     as the anchor of the scored window. stream: the stream's true first frame at its camera offset
     (the student's anchor too), so the score pulls late frames back towards the start;
     window: the window's own first (generated) frame, which forgives drift."""
+    revisit_share: float = 0.0
+    """dmd: share of each batch's rollouts whose camera leaves a place and comes back (the
+    revisit trajectories of ``streamkd.eval.revisit``: out-and-back, loop, offset, idle; gaps of
+    1-3 x (sinks + window) frames, drawn from the clip's seed), so rollouts exercise memory."""
+    memory_weight: float = 0.0
+    """dmd with ``causal.memory``: weight of a ground-truth term on *observed revisits*, added to
+    every student update: the student is shown the way out of a revisit trajectory (ground-truth
+    frames through ``StreamGenerator.observe``, which writes every memory tier), generates the
+    way back chunk by chunk with its own cache, and each returning chunk's x0 is regressed onto the
+    ground truth (the toy world renders it exactly; on real data the video is the ground truth).
+    What the way back shows left the window long ago: the only place to find it is memory."""
+    memory_rows: int = 2
+    """Revisit trajectories per student update for ``memory_weight`` (each streamed on its own)."""
+    history_drop: float = 0.0
+    """Memory term: probability that a returning chunk does not read the older half of the window
+    (history-drop augmentation), so the student learns to read memory, not the window alone."""
     seed: int = 0
     """Seeds data order and every random draw."""
     max_steps: int = 400
@@ -155,6 +171,13 @@ class DistillConfig:
             raise ValueError(f"student_layers must be distinct block indices >= 0, got {self.student_layers}; null keeps every block")
         if self.ode_weight < 0:
             raise ValueError(f"ode_weight must be >= 0 (0 disables the regression term), got {self.ode_weight}")
+        if not 0.0 <= self.revisit_share <= 1.0 or not 0.0 <= self.history_drop <= 1.0:
+            raise ValueError(f"revisit_share and history_drop must be in [0, 1], got {self.revisit_share}, {self.history_drop}")
+        if self.memory_weight < 0 or self.memory_rows < 1:
+            raise ValueError(f"memory_weight must be >= 0 and memory_rows >= 1, got {self.memory_weight}, {self.memory_rows}")
+        if self.memory_weight > 0 and (self.causal.memory is None or not self.causal.memory.enabled):
+            raise ValueError("memory_weight > 0 trains the student to read memory: set causal.memory "
+                             "(compressed_frames and/or bank_frames); see streamkd/cache/memory.py")
         if not 0 < self.dmd_s_min < self.dmd_s_max <= 1:
             raise ValueError(f"need 0 < dmd_s_min < dmd_s_max <= 1, got {self.dmd_s_min}, {self.dmd_s_max}")
 
@@ -239,7 +262,9 @@ class DistillTrainer:
                                  "them: use a subset of those levels or regenerate the pairs with keep_sigmas covering them")
             # the student's levels among the stored ones, then the trajectory's end point
             self.pair_levels = [kept.index(round(s, 6)) for s in cfg.sigmas] + [len(kept)]
-        self.layout = CausalLayout(cfg.causal.chunk_frames, cfg.causal.sink_frames, cfg.causal.window_frames)
+        # the inference layout, memory included (a full-sequence forward replays what streaming reads)
+        self.layout = CausalLayout(cfg.causal.chunk_frames, cfg.causal.sink_frames, cfg.causal.window_frames,
+                                   memory=self.student.cfg.memory_for_stream(cfg.causal.memory))
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.out = Path(cfg.out_dir)
@@ -334,6 +359,10 @@ class DistillTrainer:
                 loss_ode = self._ode_loss()
                 extra["dmd_term"], extra["ode_loss"] = self.dist.mean(loss_g), self.dist.mean(loss_ode)
                 loss_g = loss_g + cfg.ode_weight * loss_ode
+            if cfg.memory_weight > 0:
+                loss_mem = self._memory_loss()
+                extra["memory_loss"] = self.dist.mean(loss_mem)
+                loss_g = loss_g + cfg.memory_weight * loss_mem
             stats["dmd_loss"] = self._apply(loss_g, self.student, self.opt, "dmd")
             update_ema(self.ema, self.student, self.cfg.ema_decay)
             stats.update(extra)
@@ -345,11 +374,61 @@ class DistillTrainer:
 
     def _dmd_batch_actions(self, batch: dict) -> torch.Tensor:
         """The rollouts' actions: the clips' own, or tethered moves drawn from each clip's seed
-        (frame 0 does not depend on the actions, so the clip start is unchanged)."""
-        if self.cfg.rollout_actions == "random":
-            return batch["actions"]
+        (frame 0 does not depend on the actions, so the clip start is unchanged); the first
+        ``revisit_share`` of the global batch's rows follow revisit trajectories instead."""
         world, T = self.teacher.cfg.world, batch["actions"].shape[1]
-        return torch.stack([torch.from_numpy(tethered_actions(np.random.default_rng(seed), T, world)) for seed in batch["seed"]])
+        if self.cfg.rollout_actions == "random":
+            actions = batch["actions"].clone()
+        else:
+            actions = torch.stack([torch.from_numpy(tethered_actions(np.random.default_rng(seed), T, world))
+                                   for seed in batch["seed"]])
+        revisits = round(self.cfg.revisit_share * self.cfg.batch_size)
+        first_row = self.rows.start or 0
+        for i, seed in enumerate(batch["seed"]):
+            if first_row + i < revisits:
+                actions[i] = torch.from_numpy(self._revisit(int(seed), T).actions[:T])
+        return actions
+
+    def _revisit(self, seed: int, min_frames: int = 0):
+        """A revisit trajectory drawn from ``seed`` (kind, gap 1-3 and wander), padded with idle
+        frames to at least ``min_frames``."""
+        from streamkd.eval.revisit import KINDS, revisit_actions
+
+        c = self.cfg.causal
+        rng = np.random.default_rng(seed + 31)
+        kind, gap = KINDS[int(rng.integers(len(KINDS)))], int(rng.integers(1, 4))
+        traj = revisit_actions(kind, gap, c.sink_frames + c.window_frames, c.chunk_frames, self.teacher.cfg.world, rng)
+        if len(traj.actions) < min_frames:
+            traj.actions = np.concatenate([traj.actions, np.zeros(min_frames - len(traj.actions), dtype=np.int64)])
+        return traj
+
+    def _memory_loss(self) -> torch.Tensor:
+        """Ground truth on observed revisits (``memory_weight``): per trajectory, observe the way
+        out, generate the way back, regress each returning chunk's x0 onto the true latents."""
+        from streamkd.data.toyworld import ToyWorld, episode_seed, prompt_for_seed
+
+        cfg, world, F = self.cfg, self.teacher.cfg.world, self.cfg.causal.chunk_frames
+        losses = []
+        for j in range(cfg.memory_rows):
+            seed = episode_seed("train", self.step * cfg.memory_rows + j, base_seed=cfg.seed + 700)
+            prompt = prompt_for_seed(seed)
+            traj = self._revisit(seed)
+            T = len(traj.actions)
+            truth = torch.from_numpy(ToyWorld(world, seed, prompt).render(traj.actions, T))
+            actions = torch.from_numpy(traj.actions)[None]
+            stream = StreamGenerator(self.student, FewStepSampler(cfg.sigmas), causal=cfg.causal, batch_size=1)
+            stream.reset([prompt], None, self.gen)
+            with torch.no_grad():
+                stream.observe(truth[None, : traj.return_start], actions[:, : traj.return_start])
+                target = self.student.codec.encode(truth[None, traj.return_start :]).float()
+            end = traj.return_start + (T - traj.return_start) // F * F  # whole chunks of the way back
+            for c, start in enumerate(range(traj.return_start, end, F)):
+                exit_step = int(torch.randint(0, len(cfg.sigmas), (1,), generator=self.gen))
+                drop = float(torch.rand((), generator=self.gen)) < cfg.history_drop
+                stream.cache.hide_window = cfg.causal.window_frames // 2 if drop else 0
+                x0 = stream.next_chunk(actions[:, start : start + F], exit_step=exit_step)
+                losses.append(torch.nn.functional.mse_loss(x0.float(), target[:, :, c * F : (c + 1) * F]))
+        return torch.stack(losses).mean()
 
     def _stream_anchor(self, batch: dict, window_start: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The stream's first frame as the anchor of a window starting at ``window_start``

@@ -99,13 +99,15 @@ class _Row:
     bank: dict[int, int] = field(default_factory=dict)  # frame -> page
     compressed: dict[int, Packed] = field(default_factory=dict)
     cameras: list[tuple[int, int]] = field(default_factory=list)  # per frame
+    retrieved_last: int = 0  # bank entries the last chunk read
+    retrieved_total: int = 0
 
     def pages(self) -> list[int]:
         return self.sinks + [p for _, p in self.window] + list(self.bank.values())
 
     def copy(self) -> _Row:
         return _Row(None if self.planner is None else self.planner.clone(), list(self.sinks), list(self.window),
-                    dict(self.bank), dict(self.compressed), list(self.cameras))
+                    dict(self.bank), dict(self.compressed), list(self.cameras), self.retrieved_last, self.retrieved_total)
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,9 @@ class PagedKVCache:
         self._pending_cameras: list[list[tuple[int, int]]] | None = None
         self.derived: dict = {}
         self.stats = {"gathered_tokens": 0, "retrieved": 0, "chunks": 0}
+        self.hide_window = 0
+        """Training only (history drop): the next chunk does not read the oldest ``hide_window``
+        window frames, so it must find them in memory. Positions of the rest are unchanged."""
 
     def _new_row(self) -> _Row:
         planner = None
@@ -212,10 +217,9 @@ class PagedKVCache:
 
     @property
     def frames_written(self) -> int:
-        counts = {len(r.cameras) for r in self._rows}
-        if len(counts) != 1:
-            raise ValueError("rows of this cache are at different stream positions; ask each row")
-        return counts.pop()
+        """Frames written into the least advanced row (rows of a server batch may be at different
+        points of their streams; all of them have started, or none)."""
+        return min(len(r.cameras) for r in self._rows)
 
     def _n_sinks(self, r: _Row) -> int:
         return len(r.sinks)
@@ -247,6 +251,9 @@ class PagedKVCache:
             self.derived["views"] = views
             self.stats["chunks"] += 1
             self.stats["retrieved"] += sum(len(v.retrieved) for v in views)
+            for r, v in zip(self._rows, views):
+                r.retrieved_last = len(v.retrieved)
+                r.retrieved_total += len(v.retrieved)
         return views
 
     def _layout(self, camera_BF2: torch.Tensor | None) -> list[list[tuple]]:
@@ -264,6 +271,9 @@ class PagedKVCache:
             page_of = {f: p for f, p in enumerate(r.sinks)} | dict(r.window) | r.bank
             order = attended(r.planner, list(range(len(r.sinks))), [f for f, _ in r.window], view, r.cameras, near,
                              self.memory.wrap_tokens)
+            if self.hide_window:  # training's history drop: the oldest window frames are not read
+                hidden = {f for f, _ in r.window[: self.hide_window]}
+                order = [piece for piece in order if not (piece[3] == 0 and piece[0] in hidden and piece[0] not in view.retrieved)]
             pieces.append([("page", page_of[f], t, cam, 0) if level == 0 else ("packed", f, t, cam, level)
                            for f, t, cam, level in order])
         self.derived["pieces"] = pieces
@@ -473,6 +483,21 @@ class PagedKVCache:
         self.anchor_BCHW = st["anchor"].clone() if "anchor" in st else None
         assert self.camera_last_B2.shape[0] == B
         self._pending = None
+        self.derived.clear()
+
+    def replace_recent(self, other: PagedKVCache) -> None:
+        """Take the sink and window pages of ``other`` (a cache that re-wrote the same frames, e.g.
+        under a new prompt) in place of this cache's own, row by row; memory tiers stay as they
+        are. Used by the server's prompt-switch re-cache."""
+        for mine, theirs in zip(self._rows, other._rows):
+            if len(mine.sinks) != len(theirs.sinks) or len(mine.window) != len(theirs.window):
+                raise ValueError("the re-written cache holds other frames than this one")
+            for p in theirs.sinks + [p for _, p in theirs.window]:
+                self.pool.incref(p)
+            for p in mine.sinks + [p for _, p in mine.window]:
+                self.pool.decref(p)
+            mine.sinks = list(theirs.sinks)
+            mine.window = [(f, p) for (f, _), (_, p) in zip(mine.window, theirs.window)]
         self.derived.clear()
 
     # ------------------------------------------------------------------------------------ sizes

@@ -369,7 +369,7 @@ class DiT(nn.Module):
     def new_cache(
         self, *, batch_size: int, height: int, width: int, sink_frames: int, window_frames: int,
         chunk_frames: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-        reuse_rotated: bool = True, memory: MemoryConfig | None = None,
+        reuse_rotated: bool = True, memory: MemoryConfig | None = None, pool=None,
     ) -> KVCache | PagedKVCache:
         """A cache sized for this model and a latent of ``height x width``. ``reuse_rotated=False``
         gives back the memory of the per-chunk rotated key/value buffers (one more copy of the
@@ -383,6 +383,7 @@ class DiT(nn.Module):
                 num_heads=self.cfg.num_heads, head_dim=self.cfg.head_dim, sink_frames=sink_frames,
                 window_frames=window_frames, chunk_frames=chunk_frames, memory=memory,
                 use_camera=self.action_shifts is not None, dtype=dtype or param.dtype, device=device or param.device,
+                pool=pool,
             )
         return KVCache(
             num_layers=self.cfg.num_layers, batch_size=batch_size, tokens_per_frame=self.tokens_per_frame(height, width),

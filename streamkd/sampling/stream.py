@@ -53,10 +53,13 @@ class StreamGenerator:
         batch_size: int = 1,
         on_step: StepHook | None = None,
         global_batch: tuple[int, slice] | None = None,
+        pool=None,
     ) -> None:
         """``global_batch``: (size, this generator's rows) when these streams are one data-parallel
         rank's slice of a larger batch: noise is drawn for the whole batch and sliced, so every rank
-        consumes the shared generator exactly as a single process rolling out all rows would."""
+        consumes the shared generator exactly as a single process rolling out all rows would.
+        ``pool``: the ``PagePool`` to keep this stream's pages in (a causal config with memory),
+        shared by the server's sessions so that batching them copies no cache."""
         causal = causal or model.cfg.causal
         if causal is None:
             raise ValueError("StreamGenerator needs a causal config (chunk/sink/window); pass causal=CausalConfig(...)")
@@ -75,7 +78,7 @@ class StreamGenerator:
         self.cache = model.dit.new_cache(
             batch_size=self.rows, height=latent, width=latent, sink_frames=causal.sink_frames,
             window_frames=causal.window_frames, chunk_frames=causal.chunk_frames,
-            memory=model.cfg.memory_for_stream(causal.memory),
+            memory=model.cfg.memory_for_stream(causal.memory), pool=pool,
         )
         self.decoder = model.codec.stream_decoder()
         self.chunk_index = 0
