@@ -137,34 +137,82 @@ def cmd_generate(args) -> None:
     print(f"wrote {args.frames} frames to {args.out}")
 
 
+def _positive_ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: give comma-separated positive integers, e.g. {flag} 10,50") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} {text!r}: give comma-separated positive integers, e.g. {flag} 10,50")
+    return values
+
+
 def cmd_eval(args) -> None:
     from streamkd.eval.prompt_classifier import PromptClassifier
-    from streamkd.eval.run import evaluate, markdown_table, plot_psnr_curves
+    from streamkd.eval.run import evaluate, markdown_report, plot_psnr_curves, wandering_frames
     from streamkd.models.world import WorldModel
 
-    outs = [Path(p) for p in (args.json, args.markdown, args.plot) if p]
+    outs = [Path(p) for p in (args.json, args.markdown, args.plot, args.revisit_plot, args.grid) if p]
     for out in outs:
         if not out.parent.is_dir():
             raise ValueError(f"{out}: folder {out.parent} does not exist; create it first")
-    results, classifier = {}, None
-    for checkpoint in args.checkpoint:
-        model = WorldModel.load(checkpoint)
+    for flag in ("episodes", "drift_episodes", "untethered_episodes", "revisit_episodes", "t2v_episodes"):
+        if (getattr(args, flag) or 0) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0")
+    if args.episodes < 1:
+        raise ValueError("--episodes must be >= 1")
+    asked_untethered = args.untethered not in (None, "auto")
+    untethered = () if args.untethered in (None, "auto", "off") else _positive_ints(args.untethered, "--untethered")
+    results, classifier, grid_rows = {}, None, {}
+    loaded = [(checkpoint, WorldModel.load(checkpoint)) for checkpoint in args.checkpoint]
+    runs = [(checkpoint, model, *_sampling(args, model)) for checkpoint, model in loaded]
+    if (asked_untethered and untethered or args.revisit_episodes) and all(causal is None for *_, causal in runs):
+        names = ", ".join(args.checkpoint)
+        raise ValueError(f"{names}: bidirectional (no causal config); --untethered and --revisit-episodes stream the "
+                         "model: pass --causal to stream it, or drop them")
+    for checkpoint, model, sampling, causal in runs:
+        # in a comparison, streaming measurements apply to the checkpoints that stream
         classifier = classifier or PromptClassifier(model.cfg.world)
-        sampling, causal = _sampling(args, model)
+        streams = causal is not None
         frames = args.frames or model.cfg.horizon_frames
-        results[checkpoint] = evaluate(model, episodes=args.episodes, seed=args.seed, frames=frames, sampling=sampling,
-                                       causal=causal, drift_episodes=args.drift_episodes, classifier=classifier)
+        multiples = () if not streams else untethered if asked_untethered else (10, 50, 200)
+        revisits = (args.revisit_episodes if args.revisit_episodes is not None else 1) if streams else 0
+        results[checkpoint] = evaluate(
+            model, episodes=args.episodes, seed=args.seed, frames=frames, sampling=sampling, causal=causal,
+            drift_episodes=args.drift_episodes, classifier=classifier, untethered_multiples=multiples,
+            untethered_episodes=args.untethered_episodes, revisit_episodes=revisits,
+            oracle_max_gap=args.oracle_max_gap if args.oracle_max_gap >= 0 else None, t2v_episodes=args.t2v_episodes,
+        )
+        if args.grid:
+            length = args.grid_frames if streams else min(args.grid_frames, model.cfg.horizon_frames)
+            out, truth = wandering_frames(model, args.seed + 4000, length, sampling, causal)
+            if len(truth) > len(grid_rows.get("ground truth", ())):
+                grid_rows["ground truth"] = truth
+            grid_rows[checkpoint] = out
     single = results[args.checkpoint[0]] if len(results) == 1 else results
     text = json.dumps(single, indent=2)
-    table = markdown_table(results)
-    for path, content in ((args.json, text), (args.markdown, table)):
+    report = markdown_report(results)
+    for path, content in ((args.json, text), (args.markdown, report)):
         if path:
             tmp = Path(path).with_name(f".{Path(path).name}.tmp")
             tmp.write_text(content + "\n")
             tmp.replace(path)
     if args.plot:
         plot_psnr_curves(results, args.plot)
-    print(table)
+    if args.revisit_plot:
+        from streamkd.eval.figures import plot_revisits
+
+        if not any("revisit" in r for r in results.values()):
+            raise ValueError("--revisit-plot needs revisit figures: a causal checkpoint and --revisit-episodes >= 1")
+        plot_revisits(results, args.revisit_plot)
+    if args.grid:
+        from streamkd.eval.figures import frame_grid
+
+        n = args.grid_frames
+        # columns inside the shortest row (a bidirectional model's horizon), then along the walk
+        short = min(len(frames) for frames in grid_rows.values())
+        frame_grid(grid_rows, sorted({0, short // 2, short - 1, n // 4, n // 2, 3 * n // 4, n - 1}), args.grid)
+    print(report)
 
 
 def cmd_bench(args) -> None:
@@ -352,9 +400,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="index of the first held-out episode")
     p.add_argument("--frames", type=int, default=0, help="frames per episode (default: the model's horizon)")
     p.add_argument("--drift-episodes", type=int, default=4, help="tethered episodes for drift_psnr (causal runs)")
+    p.add_argument("--untethered", default="auto",
+                   help="untethered drift windows, in horizons, e.g. 10,50 (default auto: 10,50,200 for causal runs; off)")
+    p.add_argument("--untethered-episodes", type=int, default=2, help="random-action episodes for untethered drift")
+    p.add_argument("--revisit-episodes", type=int, default=None,
+                   help="revisit trajectories per gap (default: 1 for causal runs, 0 otherwise)")
+    p.add_argument("--oracle-max-gap", type=int, default=8,
+                   help="run the full-KV oracle on revisit gaps up to this (cost grows with the square; -1: never)")
+    p.add_argument("--t2v-episodes", type=int, default=4, help="text-to-video episodes (no first frame)")
     p.add_argument("--json", help="write the result(s) here as JSON")
     p.add_argument("--markdown", help="write the table here")
     p.add_argument("--plot", help="write the PSNR-vs-frame plot here (PNG)")
+    p.add_argument("--revisit-plot", help="write revisit PSNR against the gap here (PNG)")
+    p.add_argument("--grid", help="write a PNG: ground truth beside each checkpoint along a wandering camera")
+    p.add_argument("--grid-frames", type=int, default=96, help="length of the --grid episode")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_eval)
 

@@ -128,16 +128,48 @@ def test_train_bad_config_field(tmp_path: Path, capsys) -> None:
 
 def test_eval_writes_json_table_and_plot(checkpoints, tmp_path: Path) -> None:
     out, md, png = tmp_path / "eval.json", tmp_path / "eval.md", tmp_path / "psnr.png"
+    revisit_png, grid_png = tmp_path / "revisit.png", tmp_path / "grid.png"
     assert main(["eval", "--checkpoint", str(checkpoints["causal"]), "--episodes", "2", "--frames", "8", "--drift-episodes", "1",
-                 "--json", str(out), "--markdown", str(md), "--plot", str(png)]) == 0
+                 "--untethered", "2,3", "--untethered-episodes", "1", "--revisit-episodes", "1", "--oracle-max-gap", "2",
+                 "--t2v-episodes", "1", "--json", str(out), "--markdown", str(md), "--plot", str(png),
+                 "--revisit-plot", str(revisit_png), "--grid", str(grid_png), "--grid-frames", "12"]) == 0
     result = json.loads(out.read_text())
-    for key in ("fidelity_psnr", "action_error_px", "fps_end_to_end", "first_frame_latency_ms", "prompt_accuracy"):
+    for key in ("fidelity_psnr", "action_error_px", "fps_end_to_end", "first_frame_latency_ms", "prompt_accuracy",
+                "t2v_prompt_accuracy"):
         assert isinstance(result[key], float)
     assert set(result["drift_psnr"]) == {"1x", "10x"} and len(result["psnr_curve"]) == 10 * 6 - 1
-    assert "| floor |" in md.read_text() and png.read_bytes()[:4] == b"\x89PNG"
+    assert set(result["drift_untethered"]["model"]) == {"2x", "3x"} and result["drift_untethered"]["frames"] == 18
+    assert set(result["revisit"]) >= {"model", "full_kv_oracle", "floor_mean_colour", "ceiling"}
+    # the oracle ran on gap 2 only (--oracle-max-gap 2)
+    oracle = result["revisit"]["full_kv_oracle"]["generated"]["returning"]
+    assert oracle["8"]["psnr"] is None and oracle["32"]["psnr"] is None
+    report = md.read_text()
+    for table in ("| floor |", "| unseen pixels |", "| revisits: PSNR dB / SSIM |", "| untethered drift |"):
+        assert table in report
+    for figure in (png, revisit_png, grid_png):
+        assert figure.read_bytes()[:4] == b"\x89PNG"
     # the exact-shift ceiling beats the frozen floor on both metrics, by construction
     assert result["ceiling"]["fidelity_psnr"] > result["floor"]["fidelity_psnr"]
     assert result["ceiling"]["action_error_px"] < 0.1 < result["floor"]["action_error_px"]
+
+
+def test_eval_bad_input(checkpoints, tmp_path: Path, capsys) -> None:
+    bidirectional = str(checkpoints["bidirectional"])
+    base = ["eval", "--episodes", "1", "--frames", "6", "--t2v-episodes", "0"]
+    # streaming measurements on a bidirectional checkpoint: refused, naming the fix
+    assert main([*base, "--checkpoint", bidirectional, "--untethered", "10"]) == 2
+    assert "bidirectional" in (err := capsys.readouterr().err) and "--causal" in err
+    assert main([*base, "--checkpoint", bidirectional, "--revisit-episodes", "1"]) == 2
+    assert "--causal" in capsys.readouterr().err
+    assert main([*base, "--checkpoint", bidirectional, "--revisit-plot", str(tmp_path / "r.png")]) == 2
+    assert "--revisit-plot needs revisit figures" in capsys.readouterr().err
+    for bad in ("ten", "0", "5,-1", ""):
+        assert main([*base, "--checkpoint", str(checkpoints["causal"]), "--untethered", bad]) == 2
+        assert "comma-separated positive integers" in capsys.readouterr().err
+    assert main([*base, "--checkpoint", bidirectional, "--grid", str(tmp_path / "no" / "g.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main([*base, "--checkpoint", bidirectional, "--revisit-episodes", "-1"]) == 2
+    assert ">= 0" in capsys.readouterr().err
 
 
 def test_entry_point_exit_code(tmp_path: Path) -> None:

@@ -49,7 +49,8 @@ def plot_revisits(results: dict[str, dict], path: str) -> None:
 
 def frame_grid(rows: dict[str, np.ndarray], frame_ids: list[int], path: str, scale: int = 2) -> None:
     """A PNG: one row per entry of ``rows`` (name -> uint8 ``[T, H, W, 3]``, ground truth first),
-    the frames ``frame_ids`` as columns, nearest-neighbour upscaled by ``scale``."""
+    the frames ``frame_ids`` as columns, nearest-neighbour upscaled by ``scale``. A row shorter
+    than a column's frame (a bidirectional model stops at its horizon) leaves that cell empty."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +63,10 @@ def frame_grid(rows: dict[str, np.ndarray], frame_ids: list[int], path: str, sca
     for i, name in enumerate(names):
         for j, t in enumerate(frame_ids):
             ax = axes[i][j]
-            ax.imshow(rows[name][t], interpolation="nearest")
+            if t < len(rows[name]):
+                ax.imshow(rows[name][t], interpolation="nearest")
+            else:
+                ax.set_facecolor("white")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

@@ -221,7 +221,7 @@ def _text_to_video(model: WorldModel, classifier: PromptClassifier, episodes: in
         chunks = generate_frames(model, prompt=ep.prompt, seed=ep.seed, actions=ep.actions.tolist(), first_frame=None,
                                  sampling=sampling, causal=causal)
         acc.append(classifier.accuracy(np.concatenate(list(chunks)), ep.prompt))
-    return {"t2v_prompt_accuracy": float(np.mean(acc)), "t2v_episodes": episodes}
+    return {"t2v_prompt_accuracy": float(np.mean(acc)), "t2v_episodes": episodes, "t2v_chance": 1.0 / len(classifier.biomes)}
 
 
 def _drift(run, model: WorldModel, multiples: tuple[int, ...], episodes: int, seed: int) -> dict:
@@ -257,7 +257,7 @@ def _drift(run, model: WorldModel, multiples: tuple[int, ...], episodes: int, se
 def markdown_table(results: dict[str, dict]) -> str:
     """One row per evaluated checkpoint, plus the floor and ceiling of the first (their tethered
     drift columns measured on the same episodes)."""
-    cols = ["fidelity_psnr", "action_error_px", "drift_psnr 1x", "drift_psnr 10x", "prompt_accuracy_unseen",
+    cols = ["fidelity_psnr", "action_error_px", "drift_psnr 1x", "drift_psnr 10x", "t2v_prompt_accuracy",
             "fps_end_to_end", "fps_steady_state", "first_frame_latency_ms"]
     lines = ["| checkpoint | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
 
@@ -271,8 +271,14 @@ def markdown_table(results: dict[str, dict]) -> str:
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(cell(r, c) for c in cols) + " |")
     first = next(iter(results.values()))
+    # tethered drift references come from the first streaming run (a bidirectional teacher has none)
+    drifting = next((r for r in results.values() if "drift_psnr_floor" in r), first)
+    # text-to-video prompt accuracy: the floor guesses a biome (chance), the ceiling is the
+    # classifier on held-out ground truth
+    t2v_refs = {"floor": first.get("t2v_chance"), "ceiling": first.get("prompt_accuracy_ground_truth")}
     for ref in ("floor", "ceiling"):
-        row = dict(first[ref], **{f"drift_psnr_{ref}": first.get(f"drift_psnr_{ref}", {})})
+        row = dict(first[ref], **{f"drift_psnr_{ref}": drifting.get(f"drift_psnr_{ref}", {})})
+        row["t2v_prompt_accuracy"] = t2v_refs[ref] if "t2v_prompt_accuracy" in first else None
         lines.append(f"| {ref} | " + " | ".join(cell(row, c, f"drift_psnr_{ref}") for c in cols) + " |")
     return "\n".join(lines)
 
@@ -376,3 +382,13 @@ def markdown_report(results: dict[str, dict]) -> str:
     if any("drift_untethered" in r for r in results.values()):
         parts.append(untethered_table(results))
     return "\n\n".join(parts)
+
+
+def wandering_frames(model: WorldModel, index: int, frames: int, sampling=None, causal=None) -> tuple[np.ndarray, np.ndarray]:
+    """One held-out random-action (untethered) episode: the model's frames and the ground truth,
+    for the frame grid -- where the camera wanders off, unseen places show what the model paints."""
+    ep = heldout_episode(index, frames, model.cfg.world)
+    chunks = generate_frames(model, prompt=ep.prompt, seed=ep.seed, actions=ep.actions.tolist(),
+                             first_frame=ep.frames[0], sampling=sampling, causal=causal or model.cfg.causal)
+    return np.concatenate(list(chunks)), ep.frames
+
