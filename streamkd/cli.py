@@ -147,7 +147,23 @@ def _positive_ints(text: str, flag: str) -> tuple[int, ...]:
     return values
 
 
+def _memory_spec(spec: str):
+    """``window`` (no memory) or ``field=value,...`` of ``MemoryConfig`` (e.g. ``bank_frames=16,retrieve_frames=3``)."""
+    from streamkd.cache.memory import MemoryConfig
+    from streamkd.config import from_dict, parse_overrides
+
+    if spec == "window":
+        return None
+    try:
+        return from_dict(MemoryConfig, parse_overrides(spec.split(",")), path="memory")
+    except ValueError as e:
+        raise ValueError(f"--memory {spec!r}: {e}; write 'window' or field=value pairs separated by commas, "
+                         "e.g. --memory compressed_frames=12,fine_frames=6") from None
+
+
 def cmd_eval(args) -> None:
+    from dataclasses import replace
+
     from streamkd.eval.prompt_classifier import PromptClassifier
     from streamkd.eval.run import evaluate, markdown_report, plot_psnr_curves, wandering_frames
     from streamkd.models.world import WorldModel
@@ -166,6 +182,12 @@ def cmd_eval(args) -> None:
     results, classifier, grid_rows = {}, None, {}
     loaded = [(checkpoint, WorldModel.load(checkpoint)) for checkpoint in args.checkpoint]
     runs = [(checkpoint, model, *_sampling(args, model)) for checkpoint, model in loaded]
+    if args.memory:  # one row per checkpoint and memory variant
+        variants = [(spec, _memory_spec(spec)) for spec in args.memory]
+        runs = [(f"{name} [{spec}]", model, sampling, replace(causal, memory=memory))
+                for name, model, sampling, causal in runs if causal is not None for spec, memory in variants]
+        if not runs:
+            raise ValueError("--memory applies to streaming checkpoints: pass a causal checkpoint (or --causal)")
     if (asked_untethered and untethered or args.revisit_episodes) and all(causal is None for *_, causal in runs):
         names = ", ".join(args.checkpoint)
         raise ValueError(f"{names}: bidirectional (no causal config); --untethered and --revisit-episodes stream the "
@@ -218,6 +240,7 @@ def cmd_eval(args) -> None:
 def cmd_bench(args) -> None:
     from streamkd import bench
 
+    table = None  # the memory benches print a markdown table; the others their JSON
     if args.what == "stream":
         from streamkd.models.world import WorldModel
 
@@ -225,7 +248,22 @@ def cmd_bench(args) -> None:
             raise ValueError("bench stream needs --checkpoint FOLDER")
         model = WorldModel.load(args.checkpoint)
         sampling, causal = _sampling(args, model)
-        result = bench.bench_stream(model, sampling, causal, milestones=args.milestones)
+        result = bench.bench_stream(model, sampling, causal, milestones=args.milestones or [100, 1000, 10000])
+    elif args.what == "memory":
+        from streamkd.models.world import WorldModel
+
+        if not args.checkpoint:
+            raise ValueError("bench memory needs --checkpoint FOLDER (e.g. toy-student-fast)")
+        model = WorldModel.load(args.checkpoint)
+        sampling, causal = _sampling(args, model)
+        result = bench.bench_memory(model, causal, frames=tuple(args.milestones or (1000, 10000)), sampling=sampling)
+        table = bench.bench_memory_markdown(result)
+    elif args.what == "memory-plan":
+        from streamkd.cache.plan import assumptions, markdown, memory_plan_table
+
+        rows = memory_plan_table()
+        table = markdown(rows)
+        result = {"rows": rows, "assumptions": assumptions(rows)}
     elif args.what == "shapes":
         from streamkd.models.world import WorldModel
 
@@ -247,7 +285,7 @@ def cmd_bench(args) -> None:
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
-    print(text)
+    print(table or text)
 
 
 def cmd_serve(args) -> None:
@@ -408,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle-max-gap", type=int, default=8,
                    help="run the full-KV oracle on revisit gaps up to this (cost grows with the square; -1: never)")
     p.add_argument("--t2v-episodes", type=int, default=4, help="text-to-video episodes (no first frame)")
+    p.add_argument("--memory", action="append",
+                   help="evaluate each causal checkpoint with this memory (repeat for a side-by-side table): "
+                        "'window' or MemoryConfig fields, e.g. bank_frames=16,retrieve_frames=3")
     p.add_argument("--json", help="write the result(s) here as JSON")
     p.add_argument("--markdown", help="write the table here")
     p.add_argument("--plot", help="write the PSNR-vs-frame plot here (PNG)")
@@ -419,11 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench", help="benchmarks: stream (latency/memory vs length), train (samples/s), distill (step memory vs rollout), "
-        "shapes (student frames/s by depth/steps/chunking against the teacher)"
+        "shapes (student frames/s by depth/steps/chunking against the teacher), memory (world-memory variants of "
+        "one stream: latency, bytes per tier, pages, gathered bytes), memory-plan (world memory at Wan2.1 scale, "
+        "from shapes)"
     )
-    p.add_argument("what", choices=["stream", "train", "distill", "shapes"])
-    p.add_argument("--checkpoint", help="bench stream: checkpoint folder; bench shapes: the teacher (default toy-teacher)")
-    p.add_argument("--milestones", type=int, nargs="+", default=[100, 1000, 10000], help="bench stream: frame counts")
+    p.add_argument("what", choices=["stream", "train", "distill", "shapes", "memory", "memory-plan"])
+    p.add_argument("--checkpoint", help="bench stream / memory: checkpoint folder; bench shapes: the teacher (default toy-teacher)")
+    p.add_argument("--milestones", type=int, nargs="+",
+                   help="bench stream: frame counts (default 100 1000 10000); bench memory: (default 1000 10000)")
     p.add_argument("--config", help="bench train / distill: YAML config")
     p.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4],
                    help="bench distill: rollout lengths in teacher horizons")

@@ -170,6 +170,22 @@ def test_eval_bad_input(checkpoints, tmp_path: Path, capsys) -> None:
     assert "does not exist" in capsys.readouterr().err
     assert main([*base, "--checkpoint", bidirectional, "--revisit-episodes", "-1"]) == 2
     assert ">= 0" in capsys.readouterr().err
+    causal = str(checkpoints["causal"])
+    assert main([*base, "--checkpoint", causal, "--memory", "bank_frames=4"]) == 2
+    assert "retrieve_frames >= 1" in (err := capsys.readouterr().err) and "--memory" in err
+    assert main([*base, "--checkpoint", causal, "--memory", "banks=4"]) == 2
+    assert "unknown key 'memory.banks'" in capsys.readouterr().err
+    assert main([*base, "--checkpoint", bidirectional, "--memory", "window"]) == 2
+    assert "--memory applies to streaming checkpoints" in capsys.readouterr().err
+
+
+def test_eval_memory_variants_side_by_side(checkpoints, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(checkpoints["causal"]), "--episodes", "1", "--frames", "6", "--drift-episodes", "1",
+                 "--untethered", "off", "--revisit-episodes", "0", "--t2v-episodes", "0", "--memory", "window",
+                 "--memory", "compressed_frames=4,fine_frames=2", "--json", str(out)]) == 0
+    names = list(json.loads(out.read_text()))
+    assert names == [f"{checkpoints['causal']} [window]", f"{checkpoints['causal']} [compressed_frames=4,fine_frames=2]"]
 
 
 def test_entry_point_exit_code(tmp_path: Path) -> None:
