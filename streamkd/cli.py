@@ -161,6 +161,31 @@ def _memory_spec(spec: str):
                          "e.g. --memory compressed_frames=12,fine_frames=6") from None
 
 
+def _report_from(args) -> None:
+    """Tables and plots of a saved ``--json`` result, without evaluating again."""
+    from streamkd.eval.figures import plot_revisits
+    from streamkd.eval.run import markdown_report, plot_psnr_curves
+
+    if args.checkpoint or args.grid or args.json:
+        raise ValueError("--report-from re-renders a saved result: drop --checkpoint, --grid and --json")
+    try:
+        results = json.loads(Path(args.report_from).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--report-from {args.report_from}: cannot read a saved eval result ({e})") from None
+    if not isinstance(results, dict) or not results:
+        raise ValueError(f"--report-from {args.report_from}: not a streamkd eval result")
+    if "fidelity_psnr" in results:  # a single checkpoint's result
+        results = {Path(args.report_from).stem: results}
+    report = markdown_report(results)
+    if args.markdown:
+        Path(args.markdown).write_text(report + "\n")
+    if args.plot:
+        plot_psnr_curves(results, args.plot)
+    if args.revisit_plot:
+        plot_revisits(results, args.revisit_plot)
+    print(report)
+
+
 def cmd_eval(args) -> None:
     from dataclasses import replace
 
@@ -172,6 +197,11 @@ def cmd_eval(args) -> None:
     for out in outs:
         if not out.parent.is_dir():
             raise ValueError(f"{out}: folder {out.parent} does not exist; create it first")
+    if args.report_from:
+        _report_from(args)
+        return
+    if not args.checkpoint:
+        raise ValueError("eval needs --checkpoint FOLDER (repeat to compare several), or --report-from RESULT.json")
     for flag in ("episodes", "drift_episodes", "untethered_episodes", "revisit_episodes", "t2v_episodes"):
         if (getattr(args, flag) or 0) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0")
@@ -433,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_client)
 
     p = sub.add_parser("eval", help="measure checkpoints against toy-world ground truth (held-out seeds)")
-    p.add_argument("--checkpoint", required=True, action="append", help="checkpoint (repeat to compare several)")
+    p.add_argument("--checkpoint", action="append", help="checkpoint (repeat to compare several)")
+    p.add_argument("--report-from", help="re-render the tables/plots of a saved --json result instead of evaluating")
     p.add_argument("--episodes", type=int, default=16, help="held-out episodes")
     p.add_argument("--seed", type=int, default=0, help="index of the first held-out episode")
     p.add_argument("--frames", type=int, default=0, help="frames per episode (default: the model's horizon)")

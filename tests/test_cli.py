@@ -148,6 +148,10 @@ def test_eval_writes_json_table_and_plot(checkpoints, tmp_path: Path) -> None:
         assert table in report
     for figure in (png, revisit_png, grid_png):
         assert figure.read_bytes()[:4] == b"\x89PNG"
+    # the saved result re-renders to the same report without evaluating again
+    again = tmp_path / "again.md"
+    assert main(["eval", "--report-from", str(out), "--markdown", str(again)]) == 0
+    assert again.read_text() == report.replace(str(checkpoints["causal"]), "eval")
     # the exact-shift ceiling beats the frozen floor on both metrics, by construction
     assert result["ceiling"]["fidelity_psnr"] > result["floor"]["fidelity_psnr"]
     assert result["ceiling"]["action_error_px"] < 0.1 < result["floor"]["action_error_px"]
@@ -170,6 +174,10 @@ def test_eval_bad_input(checkpoints, tmp_path: Path, capsys) -> None:
     assert "does not exist" in capsys.readouterr().err
     assert main([*base, "--checkpoint", bidirectional, "--revisit-episodes", "-1"]) == 2
     assert ">= 0" in capsys.readouterr().err
+    assert main(["eval", "--report-from", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read a saved eval result" in capsys.readouterr().err
+    assert main(["eval"]) == 2
+    assert "eval needs --checkpoint" in capsys.readouterr().err
     causal = str(checkpoints["causal"])
     assert main([*base, "--checkpoint", causal, "--memory", "bank_frames=4"]) == 2
     assert "retrieve_frames >= 1" in (err := capsys.readouterr().err) and "--memory" in err
