@@ -289,10 +289,16 @@ class MemoryPlanner:
             sim.fill_diagonal_(-2.0)
             score = sim.max(1).values
             return 1 + int(score[1:].argmax())
+        # one raster per entry and a count of entries per cell: entry i is covered where the
+        # count without it is still positive (linear in the bank, not quadratic)
+        cams = [self.camera(b) for b in self.bank]
+        _, origin, size = self.cov.frame(cams, [])
+        rasters = [_raster([c], self.cov.grid, origin, size, self.cov.period) for c in cams]
+        count = np.sum(rasters, axis=0)
         best, best_i = -1.0, 1
         for i in range(1, len(self.bank)):
-            others = [self.camera(b) for j, b in enumerate(self.bank) if j != i]
-            covered = 1.0 - self.cov.new_share(self.camera(self.bank[i]), others)
+            own = rasters[i]
+            covered = float((own & (count - own > 0)).sum() / own.sum())
             if covered > best + 1e-9:  # ties keep the earliest (oldest) candidate
                 best, best_i = covered, i
         return best_i
