@@ -6,6 +6,10 @@ generated so far), the median wall time per chunk over the last ``window`` chunk
 process's peak RSS so far. Bounded cost means: the latency and memory at 10,000 frames are within
 10% of the 100-frame figures. Each chunk is the full loop: N denoising passes, one cache-writing
 pass, decode to RGB.
+
+``bench_memory`` asks the same of world memory (``streamkd.cache.memory``): one stream per memory
+variant, advanced in lockstep, with cache bytes per tier, pages in use and the bytes the memory
+gather copies per chunk at each milestone, beside the sinks + window cache of the same run.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
 
+from streamkd.cache.memory import MemoryConfig
 from streamkd.data.toyworld import random_actions
 from streamkd.generate import first_frame_for
 from streamkd.models.world import CausalConfig, SamplingConfig, WorldModel
@@ -74,6 +80,189 @@ def bench_stream(
         ),
         "threads": torch.get_num_threads(),
     }
+
+
+DEFAULT_MEMORIES: dict[str, MemoryConfig | None] = {
+    "window": None,
+    "compressed": MemoryConfig(compressed_frames=12, fine_frames=6),
+    "bank": MemoryConfig(bank_frames=16, retrieve_frames=3),
+    "both": MemoryConfig(compressed_frames=12, fine_frames=6, bank_frames=16, retrieve_frames=3),
+}
+"""Memory variants of ``bench_memory``: none (the contiguous sinks + window cache), each tier alone, both."""
+
+
+def _cache_figures(cache) -> dict:
+    """Bytes per tier, pages in use and the bytes of one frame of ``cache`` (paged or contiguous)."""
+    if hasattr(cache, "tier_bytes"):
+        return {"tier_bytes": cache.tier_bytes(), "pages_in_use": cache.pool.in_use, "pool_pages": cache.pool.capacity,
+                "frame_bytes": cache.pool.page_bytes * cache.batch_size}
+    # the contiguous cache is preallocated in equal frame slots: split its bytes by slot
+    slots = cache.sink_frames + cache.window_frames
+    per_slot = cache.nbytes // slots
+    return {"tier_bytes": {"sinks": per_slot * cache.sink_frames, "window": per_slot * cache.window_frames, "bank": 0,
+                           "compressed": 0},
+            "pages_in_use": None, "pool_pages": None, "frame_bytes": per_slot}
+
+
+def _history_tokens(cache) -> int:
+    """Tokens of history copied so far into the attention buffers (summed over layers and rows).
+
+    The paged cache counts what ``_gather`` copies; the contiguous cache copies its filled sinks +
+    window into the same kind of buffer once per chunk and layer (``with_chunk``) without counting,
+    so its figure is the layout's -- call this before the chunk, while it holds that history."""
+    if hasattr(cache, "stats"):
+        return cache.stats["gathered_tokens"]
+    return cache.num_filled * cache.tokens_per_frame * cache.num_layers * cache.batch_size
+
+
+def bench_memory(
+    model: WorldModel,
+    causal: CausalConfig | None,
+    frames: tuple[int, ...] = (1000, 10000),
+    memories: dict[str, MemoryConfig | None] | None = None,
+    *,
+    sampling: SamplingConfig | None = None,
+    window: int = 30,
+    seed: int = 0,
+) -> dict:
+    """What each memory variant costs per chunk and holds, at each milestone of one long stream.
+
+    One stream per entry of ``memories`` (None: no memory, the contiguous cache), same first frame,
+    prompt, noise seed and random actions; the streams advance in lockstep, one chunk each in turn,
+    so that whatever else loads the machine loads every variant alike and the latency ratios against
+    ``window`` compare chunks of the same moment. ``frames``: the milestones (frames generated)."""
+    if causal is None:
+        raise ValueError("bench memory measures the causal chunk loop: use a causal checkpoint or pass --causal")
+    memories = dict(DEFAULT_MEMORIES if memories is None else memories)
+    if not memories or not frames or min(frames) < 1:
+        raise ValueError("bench memory needs at least one memory variant and positive frame milestones")
+    sampling = sampling or model.cfg.sampling
+    prompt = "forest with red squares"
+    first = torch.from_numpy(first_frame_for(model, seed, prompt))[None]
+    F = causal.chunk_frames
+    targets = sorted(set(frames))
+    chunks = -(-targets[-1] // F)
+    num_actions = model.cfg.dit.num_actions
+    actions = (torch.randint(0, num_actions, (1, chunks * F), generator=torch.Generator().manual_seed(seed))
+               if num_actions else None)
+    streams = {}
+    for name, memory in memories.items():
+        stream = StreamGenerator(model, sampling.make(), causal=replace(causal, memory=memory),
+                                 guidance_scale=sampling.guidance_scale)
+        stream.reset([prompt], first, torch.Generator().manual_seed(seed))
+        streams[name] = stream
+    dit = model.dit.cfg
+    ms: dict[str, list[float]] = {name: [] for name in streams}
+    copied: dict[str, list[int]] = {name: [] for name in streams}
+    retrieved: dict[str, list[int]] = {name: [] for name in streams}
+    at: dict[str, dict[str, dict]] = {name: {} for name in streams}
+    with torch.no_grad():
+        for c in range(chunks):
+            a = None if actions is None else actions[:, c * F : (c + 1) * F]
+            for name, stream in streams.items():
+                cache = stream.cache
+                paged = hasattr(cache, "stats")
+                tokens0 = _history_tokens(cache)
+                got0 = cache.stats["retrieved"] if paged else 0
+                t0 = time.perf_counter()
+                stream.decode(stream.next_chunk(a))
+                ms[name].append(1000 * (time.perf_counter() - t0))
+                tokens = _history_tokens(cache) - tokens0 if paged else tokens0
+                # tokens already sum over layers (one gather per layer and chunk): k and v, H x D values each
+                itemsize = (cache.pool.k if paged else cache.k_NBSHD).element_size()
+                copied[name].append(tokens * dit.num_heads * dit.head_dim * 2 * itemsize)
+                retrieved[name].append(cache.stats["retrieved"] - got0 if paged else 0)
+            done = (c + 1) * F
+            while targets and done >= targets[0]:
+                for name, stream in streams.items():
+                    fig = _cache_figures(stream.cache)
+                    at[name][str(targets[0])] = {
+                        "frames_generated": done,
+                        "latency_ms": float(np.median(ms[name][-window:])),
+                        # paired: each chunk against the window stream's chunk of the same round, so a
+                        # burst of load from elsewhere moves both sides of a ratio alike
+                        "latency_ratio_vs_window": None if "window" not in ms else float(np.median(
+                            np.array(ms[name][-window:]) / np.array(ms["window"][-window:]))),
+                        "tier_bytes": fig["tier_bytes"],
+                        "cache_bytes": sum(fig["tier_bytes"].values()),
+                        "pages_in_use": fig["pages_in_use"],
+                        "pool_pages": fig["pool_pages"],
+                        "gathered_bytes_per_chunk": float(np.median(copied[name][-window:])),
+                        "chunk_own_bytes": F * fig["frame_bytes"],
+                        "retrieved_per_chunk": float(np.mean(retrieved[name][-window:])),
+                    }
+                targets.pop(0)
+    lo, hi = str(min(frames)), str(max(frames))
+    base = at.get("window")
+
+    def flat(name: str, key: str) -> float | None:
+        a, b = at[name][lo][key], at[name][hi][key]
+        return None if a is None or b is None or not a else b / a
+
+    return {
+        "frames": sorted(set(frames)),
+        "chunk_frames": F,
+        "variants": {name: {"memory": None if m is None else asdict(streams[name].cache.memory), "at": at[name]}
+                     for name, m in memories.items()},
+        "latency_ratio_vs_window": None if base is None else {
+            name: {f: v["latency_ratio_vs_window"] for f, v in at[name].items()} for name in at},
+        "cache_bytes_ratio_vs_window": None if base is None else {
+            name: {f: v["cache_bytes"] / base[f]["cache_bytes"] for f, v in at[name].items()} for name in at},
+        "flatness": {name: {key: flat(name, key) for key in ("latency_ms", "cache_bytes", "pages_in_use",
+                                                              "gathered_bytes_per_chunk")} for name in at},
+        "counts": (
+            f"latency_ms: wall time per chunk of {F} frames ({sampler_passes(sampling)} denoising passes + 1 cache write + "
+            f"decode), median of the last {window} chunks before each milestone, the variants advanced one chunk each in "
+            "turn; x window (latency_ratio_vs_window): median over the same chunks of the chunk's time / the window "
+            "stream's time in the same turn; cache_bytes: keys/values the stream's cache holds (paged: tier_bytes(), "
+            "the sinks, window and bank pages and the compressed tier's packed tokens and scales; contiguous: its preallocated slots, split by "
+            "slot); pages_in_use: pages of the pool referenced (contiguous: none); gathered_bytes_per_chunk: keys and "
+            "values of history copied into the attention buffers for one chunk, all layers (paged: the gather's own "
+            "count; contiguous: its filled sinks + window), median of the same chunks; chunk_own_bytes: the new "
+            "chunk's own pages; retrieved_per_chunk: bank entries read per chunk; flatness: figure at the last "
+            "milestone / figure at the first"
+        ),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _mb(x: float | None) -> str:
+    return "-" if x is None else f"{x / 1e6:.3g}"
+
+
+def bench_memory_markdown(result: dict) -> str:
+    """The figures of ``bench_memory`` as two tables (per milestone; flatness) and what they count."""
+    lo, hi = str(min(result["frames"])), str(max(result["frames"]))
+    ratio = result["latency_ratio_vs_window"] or {}
+    out = ["| variant | frames | chunk ms | x window | cache MB (sinks / window / bank / compressed) | pages in use | "
+           "gathered MB per chunk | new chunk MB | retrieved per chunk |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for name, v in result["variants"].items():
+        for f, r in v["at"].items():
+            t = r["tier_bytes"]
+            x = ratio.get(name, {}).get(f)
+            out.append(f"| {name} | {f} | {r['latency_ms']:.1f} | {'-' if x is None else f'{x:.2f}'} | "
+                       f"{_mb(r['cache_bytes'])} ({_mb(t['sinks'])} / {_mb(t['window'])} / {_mb(t['bank'])} / "
+                       f"{_mb(t['compressed'])}) | {'-' if r['pages_in_use'] is None else r['pages_in_use']} | "
+                       f"{_mb(r['gathered_bytes_per_chunk'])} | {_mb(r['chunk_own_bytes'])} | "
+                       f"{r['retrieved_per_chunk']:.2f} |")
+
+    def f2(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    out += ["", f"Flatness (figure at {hi} frames / figure at {lo}):", "",
+            "| variant | chunk ms | cache bytes | pages in use | gathered bytes per chunk |", "|---|---|---|---|---|"]
+    for name, fl in result["flatness"].items():
+        out.append(f"| {name} | {f2(fl['latency_ms'])} | {f2(fl['cache_bytes'])} | {f2(fl['pages_in_use'])} | "
+                   f"{f2(fl['gathered_bytes_per_chunk'])} |")
+    memories = "; ".join(
+        f"{name}: " + ("sinks + window only (contiguous cache)" if v["memory"] is None else ", ".join(
+            f"{k}={v['memory'][k]}" for k in ("compressed_frames", "fine_frames", "bank_frames", "retrieve_frames")
+            if v["memory"][k]))
+        for name, v in result["variants"].items())
+    out += ["", f"Variants: {memories}. MB = 10^6 bytes; {result['threads']} torch threads.", "",
+            f"What each figure counts: {result['counts']}."]
+    return "\n".join(out)
 
 
 def sampler_passes(sampling: SamplingConfig) -> int:

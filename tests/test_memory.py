@@ -313,3 +313,17 @@ def test_similarity_bank_streams_without_camera_actions() -> None:
     with pytest.raises(ValueError, match="similarity memory bank"):
         dit(torch.randn(1, 4, 6, 8, 8), torch.zeros(1, 6), ctx, None, layout=CausalLayout(1, 1, 2, memory=memory))
     assert np.isfinite(cache.nbytes)
+
+
+def test_an_old_entry_is_still_retrieved_in_a_long_stream() -> None:
+    """The age term discounts, it never outweighs coverage: a place seen 2,000 frames ago is
+    retrieved when the camera comes back (an additive penalty once left long streams' banks unread)."""
+    cfg = MemoryConfig(bank_frames=4, retrieve_frames=1, age_weight=0.02)
+    p = MemoryPlanner(cfg, sink_frames=0, window_frames=6, grid=(4, 4), use_camera=True)
+    p.commit([(0, 0)] + [(100, 100)] * 2000)
+    assert 0 in p.bank
+    assert p.view([(0, 1)]).retrieved == [0]
+    # among entries that cover alike, the newer wins
+    q = MemoryPlanner(replace(cfg, admit_coverage=0.0), sink_frames=0, window_frames=1, grid=(4, 4), use_camera=True)
+    q.commit([(50, 50), (0, 0), (20, 20), (0, 0), (40, 40)])
+    assert q.bank == [0, 1, 2, 3] and q.view([(0, 0)]).retrieved == [3]

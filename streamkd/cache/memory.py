@@ -17,8 +17,8 @@ The sinks + window cache forgets a frame once it slides out of the window. Two t
   admitted when at least ``admit_coverage`` of its view is not covered by the bank yet; a full
   bank evicts the entry most covered by the others (ties: the oldest; the first entry is pinned).
   Before every chunk, up to ``retrieve_frames`` entries are retrieved greedily by how much of the
-  *next* chunk's views they cover that the sinks and window do not, minus ``age_weight`` per
-  ``window_frames`` of age. The next views follow from the chunk's actions, known before it is
+  *next* chunk's views they cover that the sinks and window do not, discounted by age
+  (``age_weight`` per ``window_frames``). The next views follow from the chunk's actions, known before it is
   generated. Models without camera actions (text-to-video) retrieve by similarity instead: the
   cosine between an entry's mean key (layer 0) and the mean key of the newest window frame.
 
@@ -55,6 +55,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+import math
+
 import numpy as np
 import torch
 
@@ -67,7 +69,8 @@ class MemoryConfig:
     """Capacity of the compressed tier (0: off). Frames beyond it are dropped, oldest first."""
     fine_frames: int = 0
     """Newest frames of the tier kept at level 1 (pooled once); older ones are pooled again
-    (level 2). 0: every frame of the tier stays at level 1."""
+    (level 2). ``fine_frames = compressed_frames`` keeps the whole tier at level 1; 0 pools every
+    frame to level 2 as soon as it is demoted."""
     pool: int = 2
     """Spatial pooling per level (pool x pool token cells); must divide the latent token grid."""
     quantize: Literal["int8", "none"] = "int8"
@@ -79,7 +82,10 @@ class MemoryConfig:
     admit_coverage: float = 0.25
     """Admit a frame to the bank when at least this share of its view is new to the bank."""
     age_weight: float = 0.02
-    """Retrieval penalty per ``window_frames`` of an entry's age, in units of covered view share."""
+    """Retrieval discount per ``window_frames`` of an entry's age: its coverage gain is multiplied
+    by ``exp(-age_weight * age / window_frames)`` -- a preference for recent views among entries
+    that cover alike, never a reason to retrieve nothing (an additive penalty grew past any gain
+    after ~300 frames and left long streams' banks unread)."""
     retrieval: Literal["auto", "camera", "similarity"] = "auto"
     """camera: by coverage of the next views (needs camera-anchored actions); similarity: by mean
     key cosine (text-to-video); auto: camera when the model has camera actions."""
@@ -313,12 +319,12 @@ class MemoryPlanner:
         if not k:
             return out
         now = len(self.frames)
-        age = {b: (now - b) / self.window_frames * self.cfg.age_weight for b in self.bank}
+        decay = {b: math.exp(-self.cfg.age_weight * (now - b) / self.window_frames) for b in self.bank}
         if not self.use_camera:
             keys = torch.stack([self.frames[b].mean_key for b in self.bank])
             query_key = self.frames[-1].mean_key
             sim = torch.nn.functional.cosine_similarity(keys, query_key[None], dim=-1).tolist()
-            order = sorted(range(len(self.bank)), key=lambda i: (-(sim[i] - age[self.bank[i]]), i))
+            order = sorted(range(len(self.bank)), key=lambda i: (-(sim[i] * decay[self.bank[i]]), i))
             out.retrieved = sorted(self.bank[i] for i in order[:k])
             return out
         assert next_cameras, "camera retrieval needs the next chunk's cameras"
@@ -337,7 +343,7 @@ class MemoryPlanner:
                 if b in chosen:
                     continue
                 gain = (_raster([cam], self.cov.grid, origin, size, wrap) & need).sum() / max(mask.sum(), 1)
-                score = gain - age[b]
+                score = gain * decay[b]
                 if best is None or score > best + 1e-12:
                     best, best_b = score, b
             if best_b is None or best <= 0.0:
