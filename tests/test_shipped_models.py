@@ -110,3 +110,26 @@ def test_fast_student_follows_actions_as_well_as_the_teacher() -> None:
     kw = dict(episodes=16, seed=0, frames=12)
     teacher, fast = evaluate(_load("toy-teacher"), **kw), evaluate(_load("toy-student-fast"), **kw)
     assert fast["action_error_px"] <= teacher["action_error_px"], (fast, teacher)
+
+
+def test_memory_student_reads_its_memory_on_revisits() -> None:
+    """``toy-student-memory`` (the fast student tuned with a compressed tier and a memory bank):
+    on observed revisits (the way out shown, the way back generated) its memory brings back more
+    of the place than its window alone, and novel views are untouched (memory never engages on a
+    12-frame episode). Figures with more episodes and every row: docs/memory.md."""
+    from dataclasses import replace
+
+    from streamkd.eval.revisit import evaluate_revisits
+
+    model = _load("toy-student-memory")
+    assert model.cfg.causal.memory is not None and model.cfg.causal.memory.bank_frames > 0
+    psnr = {}
+    for name, memory in (("window", None), ("memory", model.cfg.causal.memory)):
+        r = evaluate_revisits(model, episodes=2, first_index=2000, gaps=(2, 8),
+                              causal=replace(model.cfg.causal, memory=memory), oracle_max_gap=None)
+        psnr[name] = sum(r["model"]["observed"]["returning"][g]["psnr"] for g in ("2", "8")) / 2
+    assert psnr["memory"] > psnr["window"] + 0.2, psnr
+    with_memory = evaluate(model, episodes=2, seed=0, frames=12, drift_episodes=0)
+    without = evaluate(model, episodes=2, seed=0, frames=12, drift_episodes=0,
+                       causal=replace(model.cfg.causal, memory=None))
+    assert abs(with_memory["fidelity_psnr"] - without["fidelity_psnr"]) < 0.01

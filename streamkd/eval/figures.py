@@ -20,16 +20,25 @@ def plot_revisits(results: dict[str, dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [(name, row) for name, r in results.items() if "revisit" in r for row in ("model", "full_kv_oracle")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     first = next((r["revisit"] for r in results.values() if "revisit" in r), None)
+    handles: dict[str, object] = {}
     for ax, protocol in zip(axes, ("observed", "generated")):
-        for name, r in results.items():
-            if "revisit" not in r:
+        oracles_drawn: set[tuple] = set()
+        for i, (name, row) in enumerate(rows):
+            ys = [results[name]["revisit"][row][protocol]["returning"][str(g)]["psnr"] for g in GAPS]
+            if all(y is None for y in ys):
                 continue
-            for row, style in (("model", "-o"), ("full_kv_oracle", ":s")):
-                ys = [r["revisit"][row][protocol]["returning"][str(g)]["psnr"] for g in GAPS]
-                if any(y is not None for y in ys):
-                    ax.plot(GAPS, [np.nan if y is None else y for y in ys], style, label=f"{name}: {ROW_LABELS[row]}")
+            if row == "full_kv_oracle":  # the oracle ignores memory: one line per distinct curve
+                key = tuple(ys)
+                if key in oracles_drawn:
+                    continue
+                oracles_drawn.add(key)
+            label = f"{name}: {ROW_LABELS[row]}"
+            (line,) = ax.plot(GAPS, [np.nan if y is None else y for y in ys], "-o" if row == "model" else ":s",
+                              color=f"C{(i // 2) % 10}", label=label)
+            handles.setdefault(label, line)
         if first is not None:
             for row in ("floor_mean_colour", "floor_other_place", "ceiling"):
                 ys = [first[row][protocol]["returning"][str(g)]["psnr"] for g in GAPS]
@@ -41,9 +50,11 @@ def plot_revisits(results: dict[str, dict], path: str) -> None:
         ax.set_xlabel("gap before the return (x sinks + window)")
         ax.set_title({"observed": "observed: vs ground truth", "generated": "generated: vs its own first rendering"}[protocol])
     axes[0].set_ylabel("PSNR of returning pixels (dB)")
-    axes[1].legend(fontsize=7)
+    # the legend below the plots: with many rows inside it would hide the curves
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=1,
+               fontsize=7, frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
