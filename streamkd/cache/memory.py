@@ -336,20 +336,21 @@ class MemoryPlanner:
         mask, origin, size = self.cov.frame(targets, held + list(cands.values()))
         covered = _raster(held, self.cov.grid, origin, size, wrap) if held else np.zeros(size, dtype=bool)
         need = mask & ~covered
+        rasters = {b: _raster([cam], self.cov.grid, origin, size, wrap) for b, cam in cands.items()}  # once
+        area = max(int(mask.sum()), 1)
         chosen: list[int] = []
         for _ in range(k):
             best, best_b = None, None
-            for b, cam in cands.items():
+            for b in cands:
                 if b in chosen:
                     continue
-                gain = (_raster([cam], self.cov.grid, origin, size, wrap) & need).sum() / max(mask.sum(), 1)
-                score = gain * decay[b]
+                score = (rasters[b] & need).sum() / area * decay[b]
                 if best is None or score > best + 1e-12:
                     best, best_b = score, b
             if best_b is None or best <= 0.0:
                 break
             chosen.append(best_b)
-            need &= ~_raster([cands[best_b]], self.cov.grid, origin, size, wrap)
+            need &= ~rasters[best_b]
         out.retrieved = sorted(chosen)
         return out
 

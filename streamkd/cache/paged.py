@@ -321,6 +321,31 @@ class PagedKVCache:
         keep[:, S:] = True
         return keep[:, None, None]
 
+    def _row_plan(self, b: int, row: list[tuple]) -> list[tuple]:
+        """Copies that fill row ``b``'s gather buffer, once per cache state: one for every
+        full-resolution page (an indexed copy of all of them) and one per compression level (its
+        frames stacked, dequantized in one multiply); each with its tokens' places in the buffer."""
+        plans = self.derived.setdefault("row_plans", {})
+        if b in plans:
+            return plans[b]
+        dev, at = self.device, 0
+        groups: dict[int, tuple[list, list]] = {}
+        for kind, ref, _, _, level in row:
+            n = self._piece_tokens(level)
+            refs, dest = groups.setdefault(level, ([], []))
+            refs.append(ref)
+            dest.append(torch.arange(at, at + n))
+            at += n
+        plan = []
+        for level, (refs, dest) in groups.items():
+            dest_t = torch.cat(dest).to(dev)
+            if level == 0:
+                plan.append((0, torch.tensor(refs, dtype=torch.long, device=dev), dest_t))
+            else:
+                plan.append((level, [self._rows[b].compressed[f] for f in refs], dest_t))
+        plans[b] = plan
+        return plan
+
     def _gather(self, layer: int, pieces: list[list[tuple]]) -> tuple[torch.Tensor, torch.Tensor, int]:
         S = max(sum(self._piece_tokens(p[4]) for p in row) for row in pieces)
         B = len(pieces)
@@ -328,24 +353,17 @@ class PagedKVCache:
         k = torch.zeros(B, S, H, D, dtype=self.dtype, device=self.device)
         v = torch.zeros(B, S, H, D, dtype=self.dtype, device=self.device)
         for b, row in enumerate(pieces):
-            at = 0
-            pages = [p[1] for p in row if p[0] == "page"]
-            if len(pages) == len(row):  # all full-resolution: one indexed copy
-                n = len(pages) * self.tokens_per_frame
-                idx = torch.tensor(pages, dtype=torch.long, device=self.device)
-                k[b, :n] = self.pool.k[layer, idx].flatten(0, 1)
-                v[b, :n] = self.pool.v[layer, idx].flatten(0, 1)
-                continue
-            r = self._rows[b]
-            for kind, ref, _, _, level in row:
-                if kind == "page":
-                    kk, vv = self.pool.k[layer, ref], self.pool.v[layer, ref]
-                else:
-                    kk, vv = r.compressed[ref].layer(layer).unpack(self.dtype)
-                n = kk.shape[0]
-                k[b, at : at + n] = kk
-                v[b, at : at + n] = vv
-                at += n
+            for level, refs, dest in self._row_plan(b, row):
+                if level == 0:
+                    k[b, dest] = self.pool.k[layer, refs].flatten(0, 1)
+                    v[b, dest] = self.pool.v[layer, refs].flatten(0, 1)
+                    continue
+                stacked = Packed(torch.stack([p.k[layer] for p in refs]), torch.stack([p.v[layer] for p in refs]),
+                                 None if refs[0].k_scale is None else torch.stack([p.k_scale[layer] for p in refs]),
+                                 None if refs[0].v_scale is None else torch.stack([p.v_scale[layer] for p in refs]))
+                kk, vv = stacked.unpack(self.dtype)
+                k[b, dest] = kk.flatten(0, 1)
+                v[b, dest] = vv.flatten(0, 1)
         self.stats["gathered_tokens"] += B * S
         return k, v, S
 
