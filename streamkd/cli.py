@@ -126,6 +126,12 @@ def cmd_generate(args) -> None:
     actions = parse_action_spec(args.actions, args.frames)
     model = WorldModel.load(args.checkpoint)
     sampling, causal = _sampling(args, model)
+    if args.memory is not None:
+        if causal is None:
+            raise ValueError("--memory streams with world memory: it needs a causal checkpoint or --causal")
+        from dataclasses import replace
+
+        causal = replace(causal, memory=_memory_spec(args.memory))
     prompt = args.prompt
     model.prompt_encoder.token_ids([prompt])  # unknown words fail here, before the video opens
     check_length(model, args.frames, causal)
@@ -419,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=12, help="frames to generate (frame 0 is the given first frame)")
     p.add_argument("--out", required=True, help="output .mp4 (H.264)")
     p.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
+    p.add_argument("--memory", help="world memory for this stream: 'window' (none) or MemoryConfig fields, e.g. "
+                                    "bank_frames=16,retrieve_frames=3 (default: the checkpoint's causal.memory)")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,6 +61,17 @@ def test_generate_causal_streams_any_length(checkpoints, tmp_path: Path, frames:
     assert _generate(checkpoints["causal"], out, "--frames", str(frames), "--actions", "right:4,down:2,none") == 0
     video = read_video(out)
     assert video.shape == (frames, 32, 32, 3)
+
+
+def test_generate_with_memory_streams_and_differs_once_memory_engages(checkpoints, tmp_path: Path, capsys) -> None:
+    plain, mem = tmp_path / "plain.mp4", tmp_path / "memory.mp4"
+    args = ("--frames", "40", "--actions", "right:4,left:4")
+    assert _generate(checkpoints["causal"], plain, *args) == 0
+    assert _generate(checkpoints["causal"], mem, *args, "--memory", "compressed_frames=4,bank_frames=4,retrieve_frames=2") == 0
+    a, b = read_video(plain), read_video(mem)
+    assert a.shape == b.shape == (40, 32, 32, 3) and not np.array_equal(a, b)
+    assert _generate(checkpoints["bidirectional"], tmp_path / "x.mp4", "--memory", "window") == 2
+    assert "needs a causal checkpoint" in capsys.readouterr().err
 
 
 def test_generate_teacher_through_causal_path(checkpoints, tmp_path: Path) -> None:
