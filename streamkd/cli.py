@@ -199,7 +199,7 @@ def cmd_eval(args) -> None:
     from streamkd.eval.run import evaluate, markdown_report, plot_psnr_curves, wandering_frames
     from streamkd.models.world import WorldModel
 
-    outs = [Path(p) for p in (args.json, args.markdown, args.plot, args.revisit_plot, args.grid) if p]
+    outs = [Path(p) for p in (args.json, args.markdown, args.plot, args.revisit_plot, args.grid, args.revisit_grid) if p]
     for out in outs:
         if not out.parent.is_dir():
             raise ValueError(f"{out}: folder {out.parent} does not exist; create it first")
@@ -215,7 +215,7 @@ def cmd_eval(args) -> None:
         raise ValueError("--episodes must be >= 1")
     asked_untethered = args.untethered not in (None, "auto")
     untethered = () if args.untethered in (None, "auto", "off") else _positive_ints(args.untethered, "--untethered")
-    results, classifier, grid_rows = {}, None, {}
+    results, classifier, grid_rows, revisit_rows, revisit_cols = {}, None, {}, {}, []
     loaded = [(checkpoint, WorldModel.load(checkpoint)) for checkpoint in args.checkpoint]
     runs = [(checkpoint, model, *_sampling(args, model)) for checkpoint, model in loaded]
     if args.memory:  # one row per checkpoint and memory variant
@@ -241,6 +241,14 @@ def cmd_eval(args) -> None:
             untethered_episodes=args.untethered_episodes, revisit_episodes=revisits,
             oracle_max_gap=args.oracle_max_gap if args.oracle_max_gap >= 0 else None, t2v_episodes=args.t2v_episodes,
         )
+        if args.revisit_grid and streams:
+            from streamkd.eval.revisit import observed_return
+
+            out, truth, traj = observed_return(model, gap=8, index=args.seed + 2000, sampling=sampling, causal=causal)
+            back = list(range(traj.return_start, len(truth), max(1, (len(truth) - traj.return_start) // 6)))[:6]
+            revisit_rows.setdefault("ground truth", truth[back])
+            revisit_rows[checkpoint] = out[back]
+            revisit_cols = [f"{t}" for t in back]
         if args.grid:
             length = args.grid_frames if streams else min(args.grid_frames, model.cfg.horizon_frames)
             out, truth = wandering_frames(model, args.seed + 4000, length, sampling, causal)
@@ -263,6 +271,12 @@ def cmd_eval(args) -> None:
         if not any("revisit" in r for r in results.values()):
             raise ValueError("--revisit-plot needs revisit figures: a causal checkpoint and --revisit-episodes >= 1")
         plot_revisits(results, args.revisit_plot)
+    if args.revisit_grid:
+        from streamkd.eval.figures import frame_grid
+
+        if not revisit_rows:
+            raise ValueError("--revisit-grid needs a causal checkpoint (or --causal)")
+        frame_grid(revisit_rows, list(range(len(revisit_cols))), args.revisit_grid, titles=[f"frame {c}" for c in revisit_cols])
     if args.grid:
         from streamkd.eval.figures import frame_grid
 
@@ -494,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revisit-plot", help="write revisit PSNR against the gap here (PNG)")
     p.add_argument("--grid", help="write a PNG: ground truth beside each checkpoint along a wandering camera")
     p.add_argument("--grid-frames", type=int, default=96, help="length of the --grid episode")
+    p.add_argument("--revisit-grid", help="write a PNG: ground truth beside each run along the way back of one "
+                                          "observed revisit (gap 8: the place left the cache long ago)")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_eval)
 

@@ -144,7 +144,8 @@ def test_eval_writes_json_table_and_plot(checkpoints, tmp_path: Path) -> None:
     assert main(["eval", "--checkpoint", str(checkpoints["causal"]), "--episodes", "2", "--frames", "8", "--drift-episodes", "1",
                  "--untethered", "2,3", "--untethered-episodes", "1", "--revisit-episodes", "1", "--oracle-max-gap", "2",
                  "--t2v-episodes", "1", "--json", str(out), "--markdown", str(md), "--plot", str(png),
-                 "--revisit-plot", str(revisit_png), "--grid", str(grid_png), "--grid-frames", "12"]) == 0
+                 "--revisit-plot", str(revisit_png), "--grid", str(grid_png), "--grid-frames", "12",
+                 "--revisit-grid", str(tmp_path / "revisit_grid.png")]) == 0
     result = json.loads(out.read_text())
     for key in ("fidelity_psnr", "action_error_px", "fps_end_to_end", "first_frame_latency_ms", "prompt_accuracy",
                 "t2v_prompt_accuracy"):
@@ -158,7 +159,7 @@ def test_eval_writes_json_table_and_plot(checkpoints, tmp_path: Path) -> None:
     report = md.read_text()
     for table in ("| floor |", "| unseen pixels |", "| revisits: PSNR dB / SSIM |", "| untethered drift |"):
         assert table in report
-    for figure in (png, revisit_png, grid_png):
+    for figure in (png, revisit_png, grid_png, tmp_path / "revisit_grid.png"):
         assert figure.read_bytes()[:4] == b"\x89PNG"
     # the saved result re-renders to the same report without evaluating again
     again = tmp_path / "again.md"

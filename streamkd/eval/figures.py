@@ -58,7 +58,8 @@ def plot_revisits(results: dict[str, dict], path: str) -> None:
     plt.close(fig)
 
 
-def frame_grid(rows: dict[str, np.ndarray], frame_ids: list[int], path: str, scale: int = 2) -> None:
+def frame_grid(rows: dict[str, np.ndarray], frame_ids: list[int], path: str, scale: int = 2,
+               titles: list[str] | None = None) -> None:
     """A PNG: one row per entry of ``rows`` (name -> uint8 ``[T, H, W, 3]``, ground truth first),
     the frames ``frame_ids`` as columns, nearest-neighbour upscaled by ``scale``. A row shorter
     than a column's frame (a bidirectional model stops at its horizon) leaves that cell empty."""
@@ -81,7 +82,7 @@ def frame_grid(rows: dict[str, np.ndarray], frame_ids: list[int], path: str, sca
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(f"frame {t}", fontsize=7)
+                ax.set_title(titles[j] if titles else f"frame {t}", fontsize=7)
             if j == 0:
                 ax.set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
     fig.tight_layout(pad=0.3)

@@ -367,3 +367,17 @@ def evaluate_revisits(model, *, episodes: int, first_index: int, gaps: tuple[int
     out["span_frames"] = span
     out["oracle_max_gap"] = oracle_max_gap
     return out
+
+
+def observed_return(model, *, gap: int, index: int, sampling=None, causal=None) -> tuple[np.ndarray, np.ndarray, Trajectory]:
+    """The model's frames and the ground truth of one observed revisit (the way out given, the way
+    back generated): the first trajectory of ``gap`` at held-out index ``index`` -- for looking at
+    what the numbers say."""
+    causal = causal or model.cfg.causal
+    world = model.cfg.world
+    span = causal.sink_frames + causal.window_frames
+    seed, prompt, traj = revisit_trajectories((gap,), 1, index, span, causal.chunk_frames, world)[0]
+    truth = ToyWorld(world, seed, prompt).render(traj.actions, len(traj.actions))
+    out = _stream(model, prompt, seed, traj.actions, truth, causal, sampling, traj.return_start)
+    return out, truth, traj
+
