@@ -660,8 +660,13 @@ class _Connection:
         self.bytes_sent += len(message)
 
 
-def build_backend(checkpoint: str, oracle: bool, max_batch: int):
-    """The model backend for a checkpoint (refusing bidirectional ones), or the world oracle."""
+_KEEP = object()
+
+
+def build_backend(checkpoint: str, oracle: bool, max_batch: int, memory=_KEEP):
+    """The model backend for a checkpoint (refusing bidirectional ones), or the world oracle.
+    ``memory``: a ``MemoryConfig`` (or None: sinks + window only) in place of the checkpoint's
+    ``causal.memory``."""
     from streamkd.serve.backends import ModelBackend, WorldOracleBackend
 
     if oracle:
@@ -670,11 +675,18 @@ def build_backend(checkpoint: str, oracle: bool, max_batch: int):
         return WorldOracleBackend(ToyWorldConfig())
     from streamkd.models.world import WorldModel
 
-    return ModelBackend(WorldModel.load(checkpoint), max_batch=max_batch)
+    model = WorldModel.load(checkpoint)
+    if memory is not _KEEP:
+        if model.cfg.causal is None:
+            raise ValueError(f"{checkpoint} is bidirectional: --memory needs a causal checkpoint")
+        from dataclasses import replace
+
+        model.cfg = replace(model.cfg, causal=replace(model.cfg.causal, memory=memory))
+    return ModelBackend(model, max_batch=max_batch)
 
 
-def run(cfg: ServerConfig, checkpoint: str, oracle: bool = False) -> None:
+def run(cfg: ServerConfig, checkpoint: str, oracle: bool = False, memory=_KEEP) -> None:
     """``streamkd serve``: load, listen, serve until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    backend = build_backend(checkpoint, oracle, cfg.engine.max_batch)
+    backend = build_backend(checkpoint, oracle, cfg.engine.max_batch, memory)
     asyncio.run(StreamServer(cfg, backend).serve_forever())

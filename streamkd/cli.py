@@ -355,10 +355,11 @@ def cmd_serve(args) -> None:
     # thread (model loading, the event loop) keeps one: an OpenMP team formed on it stays alive,
     # and with more OpenMP threads than cores libgomp stops spin-waiting, so every small parallel
     # op of the worker pays a futex wake-up (measured: ~1.7x slower chunks on 2 cores).
+    extra = {} if args.memory is None else {"memory": _memory_spec(args.memory)}
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run(cfg, args.checkpoint, oracle=args.world_oracle)
+        run(cfg, args.checkpoint, oracle=args.world_oracle, **extra)
     finally:
         torch.set_num_threads(previous)
 
@@ -455,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="real-time websocket server: browser client at /, protocol at /ws, /healthz")
     p.add_argument("--checkpoint", default="toy-student", help="causal checkpoint folder or shipped name (toy-student)")
+    p.add_argument("--memory", help="world memory for every session: 'window' (none) or MemoryConfig fields, e.g. "
+                                    "bank_frames=16,retrieve_frames=3 (default: the checkpoint's causal.memory)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind; anything but loopback needs --token")
     p.add_argument("--port", type=int, default=8765, help="TCP port for HTTP and the websocket")
     p.add_argument("--token", help="shared secret clients send in hello (default: $STREAMKD_TOKEN)")

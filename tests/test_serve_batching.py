@@ -189,3 +189,19 @@ def test_non_causal_checkpoint_is_refused() -> None:
     model.cfg.causal = None
     with pytest.raises(ValueError, match="bidirectional"):
         ModelBackend(model)
+
+
+def test_serve_memory_override(tmp_path, capsys) -> None:
+    """``streamkd serve --memory``: every session streams with that memory on the paged store;
+    'window' turns a memory checkpoint's memory off; bad specs and bidirectional checkpoints are refused."""
+    from streamkd.cli import main
+    from streamkd.serve.server import build_backend
+
+    backend = build_backend("toy-student-fast", False, 2, MemoryConfig(bank_frames=4, retrieve_frames=2))
+    assert backend.pool is not None and backend.causal.memory.bank_frames == 4
+    assert build_backend("toy-student-memory", False, 2, None).pool is None
+    assert build_backend("toy-student-memory", False, 2).pool is not None
+    with pytest.raises(ValueError, match="bidirectional: --memory needs a causal checkpoint"):
+        build_backend("toy-teacher", False, 2, None)
+    assert main(["serve", "--memory", "banks=1"]) == 2
+    assert "unknown key 'memory.banks'" in capsys.readouterr().err
