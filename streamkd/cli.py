@@ -255,7 +255,7 @@ def cmd_eval(args) -> None:
             if len(truth) > len(grid_rows.get("ground truth", ())):
                 grid_rows["ground truth"] = truth
             grid_rows[checkpoint] = out
-    single = results[args.checkpoint[0]] if len(results) == 1 else results
+    single = next(iter(results.values())) if len(results) == 1 else results  # keyed by run name
     text = json.dumps(single, indent=2)
     report = markdown_report(results)
     for path, content in ((args.json, text), (args.markdown, report)):
