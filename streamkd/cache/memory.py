@@ -355,8 +355,8 @@ class MemoryPlanner:
         return out
 
 
-def attended(planner: MemoryPlanner | None, sinks: list[int], window: list[int], view: MemoryView,
-             cameras: list[tuple[int, int]], near: tuple[int, int], wrap: int) -> list[tuple[int, int, tuple[int, int], int]]:
+def attended(sinks: list[int], window: list[int], view: MemoryView, cameras: list[tuple[int, int]],
+             near: tuple[int, int], wrap: int) -> list[tuple[int, int, tuple[int, int], int]]:
     """What a chunk attends to, in token order ``[sinks | retrieved | compressed | window]``:
     ``(frame, temporal position, camera, level)`` (level 0: full resolution). Sinks and window
     keep the positions of the cache without memory; memory frames share the last sink's; their
@@ -368,6 +368,23 @@ def attended(planner: MemoryPlanner | None, sinks: list[int], window: list[int],
     out += [(f, mem_t, _wrap_near(cameras[f], near, wrap), lvl) for f, lvl in view.compressed]
     out += [(f, ns + j, cameras[f], 0) for j, f in enumerate(window)]
     return out
+
+
+def piece_positions(pieces: list[tuple[int, tuple[int, int], int]], grid: tuple[int, int], pool: int,
+                    camera: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RoPE positions of every token of the attended ``pieces`` -- ``(temporal position, camera,
+    level)`` each, in token order: integer temporal positions, and float rows / columns (cell
+    centres of pooled tokens, plus the piece's camera when ``camera``)."""
+    t, rows, cols = [], [], []
+    for t_pos, cam, level in pieces:
+        rr, cc = pooled_centroids(grid, pool if level else 1, level)
+        off = cam if camera else (0, 0)
+        t.append(np.full(len(rr), t_pos, dtype=np.int64))
+        rows.append(rr + off[0])
+        cols.append(cc + off[1])
+    if not t:
+        return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0)
+    return np.concatenate(t), np.concatenate(rows), np.concatenate(cols)
 
 
 def replay(memory: MemoryConfig, *, sink_frames: int, window_frames: int, chunk_frames: int, num_frames: int,
@@ -392,7 +409,7 @@ def replay(memory: MemoryConfig, *, sink_frames: int, window_frames: int, chunk_
             q1 = min(q0 + chunk_frames, num_frames)
             sinks = list(range(min(sink_frames, q0)))
             view = planner.view(cams[q0:q1]) if planner is not None else MemoryView()
-            per_chunk.append((attended(planner, sinks, list(window), view, cams, cams[q0], memory.wrap_tokens),
+            per_chunk.append((attended(sinks, list(window), view, cams, cams[q0], memory.wrap_tokens),
                               len(sinks) + len(window)))
             for f in range(q0, q1):
                 if f >= sink_frames:

@@ -38,7 +38,7 @@ import torch
 
 from streamkd.cache.kv_cache import with_chunk
 from streamkd.cache.memory import (
-    MemoryConfig, MemoryPlanner, MemoryView, Packed, attended, coarsen, compress_frame, pooled_centroids,
+    MemoryConfig, MemoryPlanner, MemoryView, Packed, attended, coarsen, compress_frame, piece_positions,
 )
 
 
@@ -221,9 +221,6 @@ class PagedKVCache:
         points of their streams; all of them have started, or none)."""
         return min(len(r.cameras) for r in self._rows)
 
-    def _n_sinks(self, r: _Row) -> int:
-        return len(r.sinks)
-
     @property
     def num_filled(self) -> int:
         """Sink + window frames of row 0 (every row of a batch must agree: they share query positions)."""
@@ -269,7 +266,7 @@ class PagedKVCache:
         for b, (r, view) in enumerate(zip(self._rows, views)):
             near = tuple(near_all[b]) if near_all is not None else (0, 0)
             page_of = {f: p for f, p in enumerate(r.sinks)} | dict(r.window) | r.bank
-            order = attended(r.planner, list(range(len(r.sinks))), [f for f, _ in r.window], view, r.cameras, near,
+            order = attended(list(range(len(r.sinks))), [f for f, _ in r.window], view, r.cameras, near,
                              self.memory.wrap_tokens)
             if self.hide_window:  # training's history drop: the oldest window frames are not read
                 hidden = {f for f, _ in r.window[: self.hide_window]}
@@ -290,20 +287,12 @@ class PagedKVCache:
         pieces = self._layout(camera_BF2)
         S = max(sum(self._piece_tokens(p[4]) for p in row) for row in pieces)
         B = len(pieces)
-        t_BS = np.zeros((B, S), dtype=np.int64)
+        t_BS = np.zeros((B, S), dtype=np.int64)  # rows shorter than S are masked (key_mask)
         r_BS = np.zeros((B, S), dtype=np.float64)
         c_BS = np.zeros((B, S), dtype=np.float64)
-        grid_r, grid_c = pooled_centroids((gh, gw), 1, 0)
         for b, row in enumerate(pieces):
-            at = 0
-            for kind, _, t, cam, level in row:
-                rr, cc = (grid_r, grid_c) if level == 0 else pooled_centroids((gh, gw), self.memory.pool, level)
-                n = len(rr)
-                cam = cam if camera_BF2 is not None else (0, 0)
-                t_BS[b, at : at + n] = t
-                r_BS[b, at : at + n] = rr + cam[0]
-                c_BS[b, at : at + n] = cc + cam[1]
-                at += n
+            t, r, c = piece_positions([(p[2], p[3], p[4]) for p in row], (gh, gw), self.memory.pool, camera_BF2 is not None)
+            t_BS[b, : len(t)], r_BS[b, : len(t)], c_BS[b, : len(t)] = t, r, c
         dev = self.device
         tables = rope.token_table(torch.from_numpy(t_BS).to(dev), torch.from_numpy(r_BS).to(dev),
                                   torch.from_numpy(c_BS).to(dev))

@@ -34,7 +34,6 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -42,7 +41,7 @@ from streamkd.attention.dispatch import attention
 from streamkd.attention.layout import CausalLayout, block_causal_mask
 from streamkd.attention.sparse import BlockSparseConfig, sparse_self_attention
 from streamkd.cache.kv_cache import KVCache
-from streamkd.cache.memory import MemoryConfig, Packed, coarsen, compress_frame, pooled_centroids, replay
+from streamkd.cache.memory import MemoryConfig, Packed, coarsen, compress_frame, piece_positions, replay
 from streamkd.cache.paged import PagedKVCache
 from streamkd.models.rope import Rope3D, apply_rope
 
@@ -448,16 +447,8 @@ class DiT(nn.Module):
                 pieces, q_first = per_row[b][c]
                 q_cam = None if camera_BF2 is None else camera_BF2[b : b + 1, q0:q1]
                 q_cos, q_sin = self.rope.table(torch.arange(q_first, q_first + q1 - q0, device=device), gh, gw, q_cam)
-                t_S, r_S, c_S = [], [], []
-                for _, t, cam, level in pieces:
-                    rr, cc = pooled_centroids((gh, gw), memory.pool if level else 1, level)
-                    off = cam if camera_BF2 is not None else (0, 0)
-                    t_S += [t] * len(rr)
-                    r_S.append(rr + off[0])
-                    c_S.append(cc + off[1])
-                t_S = torch.tensor(t_S, dtype=torch.long, device=device)[None]
-                r_S = torch.from_numpy(np.concatenate(r_S) if r_S else np.zeros(0)).to(device)[None]
-                c_S = torch.from_numpy(np.concatenate(c_S) if c_S else np.zeros(0)).to(device)[None]
+                t_S, r_S, c_S = (torch.from_numpy(a).to(device)[None] for a in piece_positions(
+                    [piece[1:] for piece in pieces], (gh, gw), memory.pool, camera_BF2 is not None))
                 k_cos, k_sin = self.rope.token_table(t_S, r_S, c_S)
                 rows.append((pieces, q_cos, q_sin, k_cos, k_sin))
             chunks.append((slice(q0 * T, q1 * T), rows))
