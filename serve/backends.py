@@ -138,13 +138,10 @@ class ModelBackend:
         self.chunk_frames = self.causal.chunk_frames
         self._scratch: StreamGenerator | None = None  # see _scratch_for
         self.pool: PagePool | None = None
-        if self.causal.memory is not None:  # one pool for every session's pages
-            dit, latent = model.dit, model.cfg.latent_size
-            _, ph, pw = dit.cfg.patch_size
-            param = dit.proj_out.weight
-            per_stream = self.causal.sink_frames + self.causal.window_frames + self.causal.chunk_frames + self.causal.memory.bank_frames
-            self.pool = PagePool(dit.cfg.num_layers, (latent // ph) * (latent // pw), dit.cfg.num_heads, dit.cfg.head_dim,
-                                 param.dtype, param.device, per_stream * max_batch)
+        if self.causal.memory is not None:
+            # one pool for every session's pages: the one a max_batch cache sizes for itself (a new
+            # cache holds no page yet; the pool grows by doubling if sessions need more)
+            self.pool = self._generator(max_batch).cache.pool
         self.copied_bytes = 0
         """Bytes of cached keys/values copied by batching (gather + scatter) so far: the contiguous
         cache copies every session's cache twice per batched chunk, the paged store none."""
