@@ -41,7 +41,7 @@ import torch
 from streamkd.cache.kv_cache import KVCache, KVCacheSnapshot
 from streamkd.cache.memory import MemoryConfig
 from streamkd.cache.paged import PagedKVCache, PagedSnapshot, PagePool
-from streamkd.data.toyworld import ACTION_DELTAS, ToyWorld
+from streamkd.data.toyworld import ACTION_DELTAS, ACTIONS, ToyWorld, parse_prompt
 from streamkd.generate import first_frame_for
 from streamkd.models.world import WorldModel
 from streamkd.sampling.stream import StreamGenerator
@@ -134,8 +134,10 @@ class ModelBackend:
         self.causal = model.cfg.causal
         self.sampling = model.cfg.sampling
         self.max_batch = max_batch
-        self.frame_size = model.cfg.world.frame_size
-        self.chunk_frames = self.causal.chunk_frames
+        self.frame_hw = model.frame_hw
+        # frames a steady chunk decodes to (a codec 4x in time: 4 F; its first chunk 1 + 4 (F - 1))
+        self.chunk_frames = self.causal.chunk_frames * model.codec.temporal_factor
+        self.actions = self._action_names(model)
         self._scratch: StreamGenerator | None = None  # see _scratch_for
         self.pool: PagePool | None = None
         if self.causal.memory is not None:
@@ -150,7 +152,15 @@ class ModelBackend:
         return StreamGenerator(self.model, self.sampling.make(), causal=self.causal,
                                guidance_scale=self.sampling.guidance_scale, batch_size=batch_size, pool=self.pool)
 
-    def world_first_frame(self, seed: int, prompt: str) -> np.ndarray:
+    @staticmethod
+    def _action_names(model) -> list[str]:
+        """The protocol's action names when the model takes them (the toy world's moves); none otherwise."""
+        return list(ACTIONS) if model.num_actions == len(ACTIONS) else []
+
+    def check_prompt(self, prompt: str) -> str:
+        return self.model.check_prompt(prompt)
+
+    def world_first_frame(self, seed: int, prompt: str) -> np.ndarray | None:
         return first_frame_for(self.model, seed, prompt)
 
     def start(self, spec: StreamSpec) -> ModelStream:
@@ -170,7 +180,7 @@ class ModelBackend:
         stream b. Raises when the shared forward fails: with several streams none of them has
         changed then (the batch runs on a scratch copy, written back only after the forward), so
         the engine can retry them one by one; a single stream that raises is ended."""
-        F = self.chunk_frames
+        F = self.causal.chunk_frames  # latent frames (the chunk decodes to chunk_frames frames)
         actions_BF = torch.tensor(actions, dtype=torch.long)[:, None].expand(-1, F).contiguous()
         if len(streams) == 1:
             gen = streams[0].gen
@@ -278,9 +288,10 @@ class ModelBackend:
             camera = torch.tensor([[list(c) for c in cache._rows[h].cameras] for h in range(halves)], dtype=torch.long)
             kept = [f for f, _, _ in frames]
             camera = camera[:, kept] if camera.numel() else camera
-            cache = dit.new_cache(batch_size=gen.rows, height=self.model.cfg.latent_size, width=self.model.cfg.latent_size,
+            h, w = self.model.latent_hw
+            cache = dit.new_cache(batch_size=gen.rows, height=h, width=w,
                                   sink_frames=self.causal.sink_frames, window_frames=self.causal.window_frames,
-                                  chunk_frames=self.chunk_frames, memory=MemoryConfig(), pool=self.pool)
+                                  chunk_frames=self.causal.chunk_frames, memory=MemoryConfig(), pool=self.pool)
             if target.anchor_BCHW is not None:
                 cache.anchor_BCHW = target.anchor_BCHW.clone()
             cache.anchor_camera_B2.copy_(target.anchor_camera_B2)
@@ -289,7 +300,7 @@ class ModelBackend:
         else:
             camera = cache.camera_BS2[:, : cache.num_filled].clone()
             cache.reset()
-        F = self.chunk_frames
+        F = self.causal.chunk_frames
         start = 0
         while start < len(frames):
             end = start + 1
@@ -325,9 +336,13 @@ class WorldOracleBackend:
 
     def __init__(self, world_cfg, chunk_frames: int = 3) -> None:
         self.world_cfg = world_cfg
-        self.frame_size = world_cfg.frame_size
+        self.frame_hw = (world_cfg.frame_size, world_cfg.frame_size)
         self.chunk_frames = chunk_frames
         self.max_batch = 1
+        self.actions = list(ACTIONS)
+
+    def check_prompt(self, prompt: str) -> str:
+        return parse_prompt(prompt).prompt
 
     def world_first_frame(self, seed: int, prompt: str) -> np.ndarray:
         return ToyWorld(self.world_cfg, seed, prompt).render_static([0], 1)[0]

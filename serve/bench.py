@@ -159,7 +159,8 @@ async def bytes_per_frame(url: str, codec: str, frames: int = 48) -> int:
 
 def stand_in(checkpoint: str, folder: Path) -> str:
     """A causal copy of a bidirectional checkpoint with a 4-level few-step sampler."""
-    from streamkd.models.world import CausalConfig, SamplingConfig, WorldModel
+    from streamkd.bundle import CausalConfig, SamplingConfig
+    from streamkd.models.world import WorldModel
 
     model = WorldModel.load(checkpoint)
     model.cfg.causal = CausalConfig()

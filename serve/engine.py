@@ -245,6 +245,7 @@ class _WorkerSession:
     fps: float = 16.0
     t0: float = 0.0
     chunk_seq: int = 0
+    epoch_frames: int = 0  # frames emitted in this epoch: the next frame_seq (a temporal codec's first chunk is shorter)
     prompt_changed: bool = False
     frames_generated: int = 0
     last_chunk_ms: float = 0.0
@@ -430,7 +431,7 @@ class Engine:
             self._fail(s, "start", e)
             return
         s.stream, s.spec, s.fps = stream, spec, fps
-        s.chunk_seq, s.prompt_changed = 0, False
+        s.chunk_seq, s.epoch_frames, s.prompt_changed = 0, 0, False
         s.t0 = time.monotonic() + self.cfg.lead_chunks * self.chunk_frames / fps
         s.outbox.put_event({"type": "started", "epoch": s.epoch, "prompt": spec.prompt, "seed": spec.seed,
                             "fps": fps, "chunk_frames": self.chunk_frames}, s.epoch)
@@ -445,7 +446,7 @@ class Engine:
         s.spec = StreamSpec(prompt, s.spec.seed, s.spec.first_frame)
         s.prompt_changed = True
         s.outbox.put_event({"type": "prompt_applied", "epoch": s.epoch, "prompt": prompt,
-                            "frame_seq": s.chunk_seq * self.chunk_frames}, s.epoch)
+                            "frame_seq": s.epoch_frames}, s.epoch)
 
     def _pick_batch(self, now: float) -> tuple[list[_WorkerSession], float | None]:
         """Sessions for the next forward, or how long to wait for one."""
@@ -489,7 +490,7 @@ class Engine:
 
     def _emit(self, s: _WorkerSession, chunk: np.ndarray, action_seq: int, done: float, ms: float, batch: int) -> None:
         F = self.chunk_frames
-        first = s.chunk_seq * F
+        first = s.epoch_frames
         out = []
         for i, image in enumerate(chunk):
             flags = FrameFlags(0)
@@ -505,6 +506,7 @@ class Engine:
         s.applied_action_seq = action_seq
         s.chunk_seq += 1
         s.frames_generated += len(chunk)
+        s.epoch_frames += len(chunk)
         s.last_chunk_ms, s.last_batch = ms, batch
         behind = done - s.due(F, self.cfg.lead_chunks)
         if behind > F / s.fps:  # more than a chunk late: re-anchor instead of rushing

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import Any
 
-from streamkd.data.toyworld import ACTIONS, parse_prompt
+from streamkd.data.toyworld import ACTIONS
 
 VERSION = 1
 MAGIC = b"SKDF"
@@ -226,13 +226,19 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+MAX_PROMPT_CHARS = 2000
+"""Longest prompt a message may carry; what the model accepts within it (the toy world's
+grammar, a text encoder's token limit) the server checks with its backend (``check_prompt``)."""
+
+
 def _prompt(value: Any, kind: str) -> str:
-    if not isinstance(value, str) or len(value) > 200:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{kind}.prompt must be a string of at most 200 characters")
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_PROMPT_CHARS:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{kind}.prompt must be a non-empty string of at most {MAX_PROMPT_CHARS} characters")
     try:
-        return parse_prompt(value).prompt
-    except ValueError as e:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, str(e)) from None
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON allows "\ud800"): no text encoder can read it
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{kind}.prompt is not valid Unicode text (lone surrogate)") from None
+    return value.strip()
 
 
 def _first_frame(value: Any) -> FirstFrame | str | None:

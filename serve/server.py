@@ -46,7 +46,6 @@ from websockets.frames import Frame
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from streamkd.data.toyworld import ACTIONS
 from streamkd.serve.backends import StreamSpec
 from streamkd.serve.engine import Engine, EngineConfig, EngineFull, SessionHandle
 from streamkd.serve.media import FrameEncoder, decode_image, image_size, upscale
@@ -496,12 +495,12 @@ class _Connection:
         return True
 
     def _welcome(self) -> dict:
-        size = self.server.backend.frame_size
+        size_hw = list(self.server.backend.frame_hw)
         cfg = self.cfg
         return {
             "type": "welcome", "version": VERSION, "session": self.session.id, "codec": self.codec,
             "credits": self.credits,
-            "model": {"frame_size": [size, size], "chunk_frames": self.engine.chunk_frames, "actions": list(ACTIONS)},
+            "model": {"frame_size": size_hw, "chunk_frames": self.engine.chunk_frames, "actions": self.server.backend.actions},
             "limits": {"max_message_bytes": cfg.max_message_bytes, "control_rate": cfg.control_rate,
                        "control_burst": cfg.control_burst, "heavy_rate": cfg.heavy_rate, "heavy_burst": cfg.heavy_burst,
                        "frame_rate": cfg.frame_rate, "idle_timeout_s": cfg.idle_timeout_s,
@@ -556,16 +555,18 @@ class _Connection:
         elif isinstance(msg, Start):
             if self.spec is not None:
                 raise ProtocolError(ErrorCode.ALREADY_STARTED, "a stream is running; send reset to restart it or stop first")
-            await self._start(msg.prompt, msg.seed, msg.first_frame, msg.size, msg.fps)
+            await self._start(self._check_prompt(msg.prompt), msg.seed, msg.first_frame, msg.size, msg.fps)
         elif isinstance(msg, Reset):
             self._need_started("reset")
             c = msg.changes
-            await self._start(c.get("prompt", self.spec.prompt), c.get("seed", self.spec.seed),
+            prompt = self._check_prompt(c["prompt"]) if "prompt" in c else self.spec.prompt
+            await self._start(prompt, c.get("seed", self.spec.seed),
                               c.get("first_frame", self.spec.first_frame), c.get("size", self._size()), c.get("fps", self.fps))
         elif isinstance(msg, PromptSwitch):
             self._need_started("prompt")
-            engine.set_prompt(s, msg.prompt)
-            self.spec = StreamSpec(msg.prompt, self.spec.seed, self.spec.first_frame)
+            prompt = self._check_prompt(msg.prompt)
+            engine.set_prompt(s, prompt)
+            self.spec = StreamSpec(prompt, self.spec.seed, self.spec.first_frame)
         elif isinstance(msg, Control):
             if msg.kind == "stats":
                 engine.request_stats(s)
@@ -579,25 +580,32 @@ class _Connection:
                 engine.set_paused(s, msg.kind == "pause")
                 s.outbox.put_event({"type": "paused" if msg.kind == "pause" else "resumed"})
 
+    def _check_prompt(self, prompt: str) -> str:
+        """The prompt as the model takes it (the toy world's grammar, a text encoder's limit)."""
+        try:
+            return self.server.backend.check_prompt(prompt)
+        except ValueError as e:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, str(e)) from None
+
     def _size(self) -> tuple[int, int]:
-        size = self.server.backend.frame_size * self.scale
-        return size, size
+        h, w = self.server.backend.frame_hw
+        return h * self.scale, w * self.scale
 
     async def _start(self, prompt: str, seed: int, first_frame, size, fps: float) -> None:
-        native = self.server.backend.frame_size
+        nh, nw = self.server.backend.frame_hw
         scale = 1
         if size is not None:
-            scale = size[0] // native
-            if size[0] != size[1] or size[0] % native or not 1 <= scale <= 8:
-                raise ProtocolError(ErrorCode.BAD_MESSAGE, f"size must be [{native}, {native}] or an integer multiple up to 8x, got {list(size)}")
+            scale = size[0] // nh
+            if size[0] % nh or size[1] != nw * scale or not 1 <= scale <= 8:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, f"size must be [{nh}, {nw}] or an integer multiple up to 8x, got {list(size)}")
         if isinstance(first_frame, FirstFrame):
             try:
                 if first_frame.format != "rgb24":  # dimensions from the header, before any pixel is decoded
                     h, w = image_size(first_frame.format, first_frame.data)
-                    if (h, w) != (native, native):
-                        raise ValueError(f"first frame is {h}x{w}, this model needs {native}x{native}")
+                    if (h, w) != (nh, nw):
+                        raise ValueError(f"first frame is {h}x{w}, this model needs {nh}x{nw}")
                 first_frame = await self.loop.run_in_executor(
-                    self.server._encode_pool, decode_image, first_frame.format, first_frame.data, native, native)
+                    self.server._encode_pool, decode_image, first_frame.format, first_frame.data, nh, nw)
             except ValueError as e:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, f"start.first_frame: {e}") from None
         self.spec = StreamSpec(prompt, seed, first_frame)
@@ -673,9 +681,9 @@ def build_backend(checkpoint: str, oracle: bool, max_batch: int, memory=_KEEP):
         from streamkd.data.toyworld import ToyWorldConfig
 
         return WorldOracleBackend(ToyWorldConfig())
-    from streamkd.models.world import WorldModel
+    from streamkd.bundle import load_model
 
-    model = WorldModel.load(checkpoint)
+    model = load_model(checkpoint)
     if memory is not _KEEP:
         if model.cfg.causal is None:
             raise ValueError(f"{checkpoint} is bidirectional: --memory needs a causal checkpoint")

@@ -26,7 +26,8 @@ import torch
 from streamkd.cache.memory import MemoryConfig
 from streamkd.data.toyworld import random_actions
 from streamkd.generate import first_frame_for
-from streamkd.models.world import CausalConfig, SamplingConfig, WorldModel
+from streamkd.bundle import CausalConfig, SamplingConfig
+from streamkd.models.world import WorldModel
 from streamkd.sampling.stream import StreamGenerator
 
 

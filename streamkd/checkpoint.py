@@ -104,6 +104,21 @@ def save_training_checkpoint(
     return final
 
 
+def load_inference_weights(model: torch.nn.Module, folder: Path) -> None:
+    """``folder/model.safetensors`` into ``model`` (cast to its dtypes), after checking that the
+    names and shapes are exactly the model's: a checkpoint whose weights disagree with its
+    config.json is refused, naming the tensors."""
+    tensors = load_safetensors(folder / "model.safetensors")
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or extra:
+        raise CheckpointError(f"{folder}: weights do not match config.json (missing {missing[:5]}, unexpected {extra[:5]})")
+    for name, value in tensors.items():
+        if value.shape != own[name].shape:
+            raise CheckpointError(f"{folder}: tensor {name} has shape {tuple(value.shape)}, config expects {tuple(own[name].shape)}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     ckpt_root = Path(run_dir) / "checkpoints"
     pointer = ckpt_root / "latest"

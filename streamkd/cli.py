@@ -36,9 +36,17 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window-frames", type=int, help="recent frames kept in the KV cache ring")
 
 
+def _add_wan_args(p) -> None:
+    g = p.add_argument_group("Wan models (a diffusers Wan pipeline folder or a student distilled from one)")
+    g.add_argument("--height", type=int, help="video height in pixels (default: the checkpoint's; 480 for a pipeline folder)")
+    g.add_argument("--width", type=int, help="video width in pixels (default: the checkpoint's; 832 for a pipeline folder)")
+    g.add_argument("--negative-prompt", help="CFG's unconditional prompt (default: the checkpoint's; empty)")
+    g.add_argument("--pipeline", help="a Wan student's pipeline folder (VAE, text encoder), if it moved")
+
+
 def _sampling(args, model):
     from streamkd.generate import with_overrides
-    from streamkd.models.world import CausalConfig
+    from streamkd.bundle import CausalConfig
 
     sampling = with_overrides(model.cfg.sampling, kind=args.sampler, num_steps=args.steps, guidance_scale=args.guidance, shift=args.shift)
     if args.steps and sampling.sigmas is not None:  # explicit levels would override --steps
@@ -96,35 +104,104 @@ def cmd_export(args) -> None:
     from streamkd.models.world import WorldModel
     from streamkd.train.teacher import TeacherTrainConfig
 
-    folder = latest_checkpoint(args.run)
-    if folder is None:
-        raise CheckpointError(f"{args.run} holds no training checkpoint (checkpoints/latest is missing)")
-    files, state = load_training_checkpoint(folder, [args.weights])
-    if "student_config" in state:  # a distillation run: the student's own model config
-        from streamkd.models.world import WorldModelConfig
-
-        model_cfg = from_dict(WorldModelConfig, deep_merge(state["student_config"], parse_overrides(args.overrides)))
+    if (args.run is None) == (args.checkpoint is None):
+        raise ValueError("give one of --run (a training run's latest checkpoint) or --checkpoint (an inference checkpoint)")
+    dtype = torch.float16 if args.fp16 else None
+    if args.checkpoint is not None:
+        if not args.diffusers:
+            raise ValueError("--checkpoint is already an inference checkpoint: add --diffusers to export it to diffusers")
+        if args.overrides:
+            raise ValueError("overrides apply to --run exports; an inference checkpoint is exported as it is")
+        model, source = _load(args, args.checkpoint), args.checkpoint
     else:
-        model_cfg = from_dict(TeacherTrainConfig, deep_merge(state["config"], parse_overrides(args.overrides))).model
-    model = WorldModel(model_cfg)
-    model.load_state_dict(files[args.weights])
-    model.save(args.out, dtype=torch.float16 if args.fp16 else None)
-    print(f"exported {args.weights} weights of {folder} (step {state['step']}) to {args.out}")
+        folder = latest_checkpoint(args.run)
+        if folder is None:
+            raise CheckpointError(f"{args.run} holds no training checkpoint (checkpoints/latest is missing)")
+        files, state = load_training_checkpoint(folder, [args.weights])
+        if "student_config" in state and state["student_config"].get("kind") == "wan":  # a student of a Wan pipeline
+            from streamkd.models.wan_model import WanModel, WanModelConfig
+
+            model = WanModel(from_dict(WanModelConfig, deep_merge(state["student_config"], parse_overrides(args.overrides))))
+        elif "student_config" in state:  # a distillation run: the student's own model config
+            from streamkd.models.world import WorldModelConfig
+
+            model = WorldModel(from_dict(WorldModelConfig, deep_merge(state["student_config"], parse_overrides(args.overrides))))
+        else:
+            model = WorldModel(from_dict(TeacherTrainConfig, deep_merge(state["config"], parse_overrides(args.overrides))).model)
+        model.load_state_dict(files[args.weights])
+        source = f"{args.weights} weights of {folder} (step {state['step']})"
+    if args.diffusers:
+        from streamkd.models.wan import export_wan_folder
+
+        export_wan_folder(model.dit, args.out, dtype=dtype)
+        print(f"exported the transformer of {source} to {args.out} (WanTransformer3DModel.from_pretrained; "
+              "extras and what diffusers reproduces: streamkd_extras.json)")
+        return
+    model.save(args.out, dtype=dtype)
+    print(f"exported {source} to {args.out}")
+
+
+def _load(args, checkpoint: str):
+    """The bundle of ``checkpoint`` with the Wan-only size/text flags of this command applied."""
+    from streamkd.bundle import load_model
+    from streamkd.models.wan_model import WanOptions
+
+    wan = WanOptions(height=getattr(args, "height", None), width=getattr(args, "width", None),
+                     negative_prompt=getattr(args, "negative_prompt", None))
+    return load_model(checkpoint, wan=wan, pipeline=getattr(args, "pipeline", None))
+
+
+def _read_image(path: str, frame_hw: tuple[int, int]):
+    """An image file as the uint8 first frame (image-to-video), resized and center-cropped to the model's size."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path).convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"--image {path}: cannot read an image ({e})") from None
+    H, W = frame_hw
+    scale = max(H / image.height, W / image.width)
+    image = image.resize((max(W, round(image.width * scale)), max(H, round(image.height * scale))), Image.BICUBIC)
+    left, top = (image.width - W) // 2, (image.height - H) // 2
+    return np.asarray(image.crop((left, top, left + W, top + H)), dtype=np.uint8)
+
+
+def cmd_make_tiny_wan(args) -> None:
+    from streamkd.models.tiny_wan import make_tiny_wan
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty; pick a new folder")
+    make_tiny_wan(out, seed=args.seed)
+    print(f"wrote a tiny random Wan2.1 pipeline to {out} (model_index.json, transformer, vae, text_encoder, tokenizer, scheduler)")
 
 
 def cmd_generate(args) -> None:
     from tqdm import tqdm
 
+    from streamkd.bundle import latent_frames, pixel_frames
     from streamkd.data.actions import parse_action_spec
     from streamkd.generate import check_length, first_frame_for, generate_frames
     from streamkd.media.video import VideoWriter, check_output_path
-    from streamkd.models.world import WorldModel
 
     check_output_path(args.out)  # before any expensive work
-    if args.frames < 1:
+    if args.frames is not None and args.frames < 1:
         raise ValueError(f"--frames must be >= 1, got {args.frames}")
-    actions = parse_action_spec(args.actions, args.frames)
-    model = WorldModel.load(args.checkpoint)
+    model = _load(args, args.checkpoint)
+    tf = model.codec.temporal_factor
+    if args.frames is None:
+        args.frames = pixel_frames(model.horizon_frames, tf)
+    num_latent = latent_frames(args.frames, tf)
+    if pixel_frames(num_latent, tf) != args.frames:
+        raise ValueError(f"this model's codec is {tf}x in time: --frames must be 1 + {tf} k (e.g. "
+                         f"{pixel_frames(num_latent - 1, tf)} or {pixel_frames(num_latent, tf)}), got {args.frames}")
+    if model.num_actions:
+        actions = parse_action_spec(args.actions, num_latent)
+    elif args.actions != "none":
+        raise ValueError(f"{args.checkpoint} takes no actions (its DiT has no action embedding); drop --actions")
+    else:
+        actions = [0] * num_latent
     sampling, causal = _sampling(args, model)
     if args.memory is not None:
         if causal is None:
@@ -133,9 +210,9 @@ def cmd_generate(args) -> None:
 
         causal = replace(causal, memory=_memory_spec(args.memory))
     prompt = args.prompt
-    model.prompt_encoder.token_ids([prompt])  # unknown words fail here, before the video opens
-    check_length(model, args.frames, causal)
-    first = first_frame_for(model, args.seed, prompt)
+    model.encode_prompts([prompt])  # a prompt the encoder refuses fails here, before the video opens
+    check_length(model, num_latent, causal)
+    first = _read_image(args.image, model.frame_hw) if args.image else first_frame_for(model, args.seed, prompt)
     with VideoWriter(args.out, fps=args.fps) as writer, tqdm(total=args.frames, desc="frames", unit="f") as bar:
         for chunk in generate_frames(model, prompt=prompt, seed=args.seed, actions=actions, first_frame=first, sampling=sampling, causal=causal):
             writer.write(chunk)
@@ -216,6 +293,12 @@ def cmd_eval(args) -> None:
     asked_untethered = args.untethered not in (None, "auto")
     untethered = () if args.untethered in (None, "auto", "off") else _positive_ints(args.untethered, "--untethered")
     results, classifier, grid_rows, revisit_rows, revisit_cols = {}, None, {}, {}, []
+    from streamkd.bundle import checkpoint_kind
+
+    for checkpoint in args.checkpoint:
+        if checkpoint_kind(checkpoint) != "toy":
+            raise ValueError(f"{checkpoint} is a Wan model: eval measures against the toy world's exact ground truth, which "
+                             "real video models have none of here; use `streamkd generate` to look at it")
     loaded = [(checkpoint, WorldModel.load(checkpoint)) for checkpoint in args.checkpoint]
     runs = [(checkpoint, model, *_sampling(args, model)) for checkpoint, model in loaded]
     if args.memory:  # one row per checkpoint and memory variant
@@ -425,11 +508,20 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="turn a training run's latest checkpoint into an inference checkpoint",
         epilog="key.sub=value overrides of the run's config may follow, e.g. model.sampling.shift=3",
     )
-    p.add_argument("--run", required=True, help="training run folder (holds checkpoints/latest)")
+    p.add_argument("--run", help="training run folder (holds checkpoints/latest)")
+    p.add_argument("--checkpoint", help="an inference checkpoint to export with --diffusers (instead of --run)")
     p.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
+    p.add_argument("--diffusers", action="store_true",
+                   help="write the transformer as a diffusers WanTransformer3DModel folder (action weights beside it)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to export")
     p.add_argument("--fp16", action="store_true", help="store float weights in fp16 (half the size)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("make-tiny-wan", help="write a tiny random diffusers Wan2.1 pipeline folder (the real-model path's "
+                                             "test bed; nothing downloaded)")
+    p.add_argument("--out", required=True, help="folder to create (WanPipeline.save_pretrained layout)")
+    p.add_argument("--seed", type=int, default=0, help="weights seed")
+    p.set_defaults(func=cmd_make_tiny_wan)
 
     p = sub.add_parser("generate", help="render a video from a checkpoint (offline, any length for causal models)")
     p.add_argument("--checkpoint", default="toy-student",
@@ -437,11 +529,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help='style prompt, e.g. "forest with red squares"')
     p.add_argument("--seed", type=int, default=0, help="toy-world episode (first frame) and sampling seed")
     p.add_argument("--actions", default="none", help="action spec 'right:16,up:8,none:4' (repeats to fill) or a file")
-    p.add_argument("--frames", type=int, default=12, help="frames to generate (frame 0 is the given first frame)")
+    p.add_argument("--frames", type=int, help="frames to generate (default: the model's horizon, 12 for the toy world; "
+                                               "1 + 4k for Wan's VAE)")
     p.add_argument("--out", required=True, help="output .mp4 (H.264)")
     p.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
     p.add_argument("--memory", help="world memory for this stream: 'window' (none) or MemoryConfig fields, e.g. "
                                     "bank_frames=16,retrieve_frames=3 (default: the checkpoint's causal.memory)")
+    p.add_argument("--image", help="first frame from an image file (image-to-video; default: the toy world's frame 0, "
+                                   "none for Wan models: text-to-video)")
+    _add_wan_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 

@@ -21,7 +21,8 @@ from streamkd.data.toyworld import random_actions
 from streamkd.eval.run import evaluate, markdown_table
 from streamkd.generate import first_frame_for, generate_frames
 from streamkd.media.video import VideoWriter, check_output_path
-from streamkd.models.world import SHIPPED, WorldModel
+from streamkd.bundle import SHIPPED
+from streamkd.models.world import WorldModel
 
 PROMPT = "meadow with red squares"
 PRESETS = Path(__file__).resolve().parent.parent / "configs" / "toyworld" / "quickstart"

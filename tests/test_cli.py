@@ -16,7 +16,8 @@ from streamkd.data.toyworld import ToyClipDataset, ToyWorldConfig
 from streamkd.media.video import read_video, video_info
 from streamkd.models.codec import CodecConfig
 from streamkd.models.dit import DiTConfig
-from streamkd.models.world import CausalConfig, SamplingConfig, WorldModel, WorldModelConfig
+from streamkd.bundle import CausalConfig, SamplingConfig
+from streamkd.models.world import WorldModel, WorldModelConfig
 
 
 def _tiny_model(causal: CausalConfig | None) -> WorldModel:
@@ -85,7 +86,7 @@ def test_generate_teacher_through_causal_path(checkpoints, tmp_path: Path) -> No
     [
         (["--actions", "right:4,jump:2"], "unknown action 'jump'"),
         (["--actions", "right:0"], "positive integer"),
-        (["--frames", "40"], "at most its horizon of 6 frames"),
+        (["--frames", "40"], "at most its horizon of 6 latent frames"),
         (["--frames", "0"], "--frames must be >= 1"),
         (["--window-frames", "4"], "need a causal checkpoint or --causal"),
         (["--guidance", "-1"], "guidance_scale must be >= 0"),

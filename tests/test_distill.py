@@ -10,11 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from streamkd.data.toyworld import ToyClipDataset, ToyWorldConfig, collate_clips
+from streamkd.bundle import CausalConfig
+from streamkd.data.toyworld import ToyClipDataset, collate_clips
 from streamkd.distill.ode_pairs import ODEPairsConfig, ODEPairStore, generate_ode_pairs
-from streamkd.models.codec import CodecConfig
-from streamkd.models.dit import DiTConfig
-from streamkd.models.world import CausalConfig, WorldModel, WorldModelConfig
+from streamkd.models.world import WorldModel
 from streamkd.sampling.bidirectional import sample_clip
 from streamkd.sampling.schedule import EulerSampler, FewStepSampler
 from streamkd.sampling.stream import StreamGenerator

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from streamkd.config import dump_yaml
-from streamkd.models.world import CausalConfig
+from streamkd.bundle import CausalConfig
 from streamkd.train.distill import DistillConfig, DistillTrainer
 from streamkd.train.teacher import TeacherTrainer
 

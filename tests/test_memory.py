@@ -23,7 +23,8 @@ from streamkd.cache.memory import (
 from streamkd.cache.paged import PagedKVCache
 from streamkd.config import ConfigError, from_dict
 from streamkd.models.dit import DiT, DiTConfig
-from streamkd.models.world import CausalConfig, WorldModel
+from streamkd.bundle import CausalConfig
+from streamkd.models.world import WorldModel
 from streamkd.sampling.stream import StreamGenerator
 
 TOY_SHIFTS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))

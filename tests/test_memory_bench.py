@@ -15,7 +15,8 @@ from streamkd.cli import main
 from streamkd.data.toyworld import ToyWorldConfig
 from streamkd.models.codec import CodecConfig
 from streamkd.models.dit import DiTConfig
-from streamkd.models.world import CausalConfig, SamplingConfig, WorldModel, WorldModelConfig
+from streamkd.bundle import CausalConfig, SamplingConfig
+from streamkd.models.world import WorldModel, WorldModelConfig
 
 
 # ----------------------------------------------------------------------------------------- plan

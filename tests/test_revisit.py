@@ -11,7 +11,7 @@ from streamkd.data.toyworld import ToyWorld, ToyWorldConfig
 from streamkd.eval.revisit import (
     GAPS, KINDS, evaluate_revisits, gap_buckets, object_mask, other_place_frames, revisit_actions, score_trajectory,
 )
-from streamkd.models.world import CausalConfig
+from streamkd.bundle import CausalConfig
 from tests.test_serve_batching import tiny_causal_model
 
 WORLD = ToyWorldConfig()

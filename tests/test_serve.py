@@ -28,7 +28,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streamkd.cli import main
 from streamkd.data.toyworld import ToyWorldConfig, render
-from streamkd.models.world import CausalConfig
+from streamkd.bundle import CausalConfig
 from streamkd.serve.backends import ModelBackend, StreamSpec, WorldOracleBackend
 from streamkd.serve.client import ServerError, StreamClient
 from streamkd.serve.engine import EngineConfig
@@ -150,7 +150,7 @@ def test_valid_messages_parse(message: dict) -> None:
     ('{"type": "action", "seq": 0, "action": "left"}', ErrorCode.BAD_MESSAGE),
     ('{"type": "action", "seq": 1, "action": "jump"}', ErrorCode.BAD_MESSAGE),
     ('{"type": "action", "seq": true, "action": "up"}', ErrorCode.BAD_MESSAGE),
-    ('{"type": "start", "prompt": "forest with purple squares"}', ErrorCode.BAD_MESSAGE),
+    ('{"type": "start", "prompt": "   "}', ErrorCode.BAD_MESSAGE),
     ('{"type": "start"}', ErrorCode.BAD_MESSAGE),
     ('{"type": "start", "prompt": "forest with red squares", "fps": 1e309}', ErrorCode.BAD_JSON),
     ('{"type": "start", "prompt": "forest with red squares", "fps": 0}', ErrorCode.BAD_MESSAGE),
@@ -294,6 +294,10 @@ def test_first_frame_upload_and_size(backend) -> None:
                 assert "bytes" in (await c.next_event("error"))["message"]
                 await c.send({"type": "start", "prompt": PROMPT, "size": [33, 33]})
                 assert (await c.next_event("error"))["code"] == ErrorCode.BAD_MESSAGE
+                # what the model reads is the backend's to check: the toy world's grammar here
+                await c.send({"type": "start", "prompt": "forest with purple squares"})
+                err = await c.next_event("error")
+                assert err["code"] == ErrorCode.BAD_MESSAGE and "unknown colour 'purple'" in err["message"]
                 await c.start(PROMPT, first_frame=image, size=(64, 64), fps=100)
                 f = await c.next_frame()
                 assert f.image.shape == (64, 64, 3)  # 2x nearest-neighbour

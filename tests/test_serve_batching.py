@@ -11,7 +11,8 @@ from streamkd.data.toyworld import ToyClipDataset, ToyWorldConfig, render
 from streamkd.models.codec import CodecConfig
 from streamkd.models.dit import DiTConfig
 from streamkd.cache.memory import MemoryConfig
-from streamkd.models.world import CausalConfig, SamplingConfig, WorldModel, WorldModelConfig
+from streamkd.bundle import CausalConfig, SamplingConfig
+from streamkd.models.world import WorldModel, WorldModelConfig
 from streamkd.serve.backends import ModelBackend, StreamSpec, layout_key, rebase
 
 TOY_SHIFTS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from streamkd.data.toyworld import ToyWorldConfig
-from streamkd.models.world import CausalConfig
+from streamkd.bundle import CausalConfig
 from streamkd.serve.backends import ModelBackend, WorldOracleBackend
 from streamkd.serve.server import ServerConfig
 from tests.test_serve import server_thread

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from streamkd.models.world import CausalConfig
+from streamkd.bundle import CausalConfig
 from streamkd.serve.backends import ModelBackend
 from streamkd.serve.protocol import CloseCode, decode_frame_message
 from streamkd.serve.server import ServerConfig

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from websockets.protocol import State
 
-from streamkd.models.world import CausalConfig
+from streamkd.bundle import CausalConfig
 from streamkd.serve import hostile
 from streamkd.serve.backends import ModelBackend
 from streamkd.serve.bench import ServerProcess

@@ -16,7 +16,8 @@ from __future__ import annotations
 import pytest
 
 from streamkd.eval.run import evaluate
-from streamkd.models.world import SHIPPED, WorldModel
+from streamkd.bundle import SHIPPED
+from streamkd.models.world import WorldModel
 
 EPISODES = 8
 
@@ -55,7 +56,7 @@ def test_teacher_closes_half_the_gap_and_keeps_the_style(teacher: dict) -> None:
 
 def test_teacher_follows_actions_with_its_x0_sampler() -> None:
     """The 4-level x0 sampler (predict x0, re-noise) moves content by the commanded camera motion."""
-    from streamkd.models.world import SamplingConfig
+    from streamkd.bundle import SamplingConfig
 
     r = evaluate(_load("toy-teacher"), episodes=EPISODES, seed=0, frames=12, sampling=SamplingConfig(kind="few_step", num_steps=4))
     assert r["action_error_px"] <= 0.5, r

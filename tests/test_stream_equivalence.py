@@ -19,7 +19,8 @@ from streamkd.attention.layout import CausalLayout
 from streamkd.data.toyworld import ToyWorldConfig, render
 from streamkd.models.codec import CodecConfig
 from streamkd.models.dit import DiT, DiTConfig
-from streamkd.models.world import CausalConfig, WorldModel, WorldModelConfig
+from streamkd.bundle import CausalConfig
+from streamkd.models.world import WorldModel, WorldModelConfig
 from streamkd.sampling.schedule import EulerSampler, FewStepSampler
 from streamkd.sampling.stream import StreamGenerator
 

@@ -45,10 +45,12 @@ from streamkd.checkpoint import (
     save_training_checkpoint,
 )
 from streamkd.config import from_dict, to_dict
-from streamkd.data.toyworld import ToyClipDataset, collate_clips, tethered_actions
+from streamkd.bundle import ModelBundle, load_model
+from streamkd.models.wan_model import WanOptions
+from streamkd.data.prompts import collate, condition_source
 from streamkd.distill.losses import critic_loss, dmd_loss, ode_regression_loss, sample_levels
 from streamkd.distill.ode_pairs import ODEPairStore
-from streamkd.models.world import CausalConfig, SamplingConfig, WorldModel
+from streamkd.bundle import CausalConfig, SamplingConfig
 from streamkd.sampling.schedule import FewStepSampler
 from streamkd.sampling.stream import StreamGenerator
 from streamkd.train.common import RunLog, check_resume_config, restore_rng, rng_tensors, update_ema
@@ -60,7 +62,13 @@ class DistillConfig:
     method: Literal["ode", "dmd"] = "dmd"
     """ode: ODE-regression init; dmd: self-forcing DMD."""
     teacher: str = "toy-teacher"
-    """Teacher checkpoint (folder or shipped name); also the default student/critic init."""
+    """Teacher checkpoint (folder or shipped name, or a diffusers Wan pipeline folder); also the
+    default student/critic init."""
+    prompts: str | None = None
+    """dmd: prompt file (.txt, one per line, or .jsonl) the rollouts are conditioned on; None: the
+    teacher's own conditions (the toy world's clips). Text-to-video teachers (Wan) need one."""
+    wan: WanOptions = field(default_factory=WanOptions)
+    """Wan teachers: size, horizon, text length and negative prompt a pipeline folder does not record."""
     init: str | None = None
     """Student init checkpoint (the ODE-init student for dmd); None = the teacher's weights."""
     ode_pairs: str = "runs/ode_pairs"
@@ -182,20 +190,25 @@ class DistillConfig:
             raise ValueError(f"need 0 < dmd_s_min < dmd_s_max <= 1, got {self.dmd_s_min}, {self.dmd_s_max}")
 
 
-def _check_fit(teacher: WorldModel, student: WorldModel, cfg: DistillConfig) -> None:
-    """Teacher and student must share codec, world and horizon (a student of another world is useless)."""
-    for name in ("codec", "world", "horizon_frames"):
-        if getattr(teacher.cfg, name) != getattr(student.cfg, name):
-            raise ValueError(f"student {name} ({getattr(student.cfg, name)}) does not match the teacher's ({getattr(teacher.cfg, name)})")
-    if teacher.cfg.horizon_frames % cfg.causal.chunk_frames:
+def _check_fit(teacher: ModelBundle, student: ModelBundle, cfg: DistillConfig) -> None:
+    """Teacher and student must share everything but the denoiser and how it streams and samples
+    (codec, world or pipeline, size, horizon: a student of another world is useless)."""
+    if type(teacher) is not type(student):
+        raise ValueError(f"the student init is a {type(student).__name__}, the teacher a {type(teacher).__name__}; "
+                         "distil a student from a checkpoint of the teacher's kind")
+    own = {k: v for k, v in to_dict(teacher.cfg).items() if k not in ("dit", "causal", "sampling")}
+    for name, value in own.items():
+        if to_dict(student.cfg)[name] != value:
+            raise ValueError(f"student {name} ({to_dict(student.cfg)[name]}) does not match the teacher's ({value})")
+    if teacher.horizon_frames % cfg.causal.chunk_frames:
         raise ValueError(
             f"causal.chunk_frames={cfg.causal.chunk_frames} must divide the teacher's horizon of "
-            f"{teacher.cfg.horizon_frames} frames"
+            f"{teacher.horizon_frames} latent frames"
         )
-    if 0 < cfg.rollout_frames < teacher.cfg.horizon_frames:
+    if 0 < cfg.rollout_frames < teacher.horizon_frames:
         raise ValueError(
             f"rollout_frames={cfg.rollout_frames} is shorter than the teacher's horizon "
-            f"({teacher.cfg.horizon_frames}): use 0 or at least the horizon"
+            f"({teacher.horizon_frames}): use 0 or at least the horizon"
         )
 
 
@@ -224,8 +237,8 @@ class DistillTrainer:
         self.dist = distributed.init()
         self.rows = self.dist.rows(cfg.batch_size)
         torch.manual_seed(cfg.seed)
-        self.teacher = WorldModel.load(cfg.teacher).requires_grad_(False)
-        init = WorldModel.load(cfg.init) if cfg.init else self.teacher
+        self.teacher = load_model(cfg.teacher, wan=cfg.wan if cfg.wan.given() else None).requires_grad_(False)
+        init = load_model(cfg.init) if cfg.init else self.teacher
         student_cfg = replace(
             init.cfg, causal=cfg.causal, sampling=SamplingConfig(kind="few_step", num_steps=len(cfg.sigmas), sigmas=list(cfg.sigmas))
         )
@@ -235,12 +248,15 @@ class DistillTrainer:
         if cfg.student_layers is not None:
             init_sd = prune_blocks(init_sd, cfg.student_layers, init.cfg.dit.num_layers)
             student_cfg = replace(student_cfg, dit=replace(student_cfg.dit, num_layers=len(cfg.student_layers)))
-        self.student = WorldModel(student_cfg)
+        if type(init) is not type(self.teacher):
+            raise ValueError(f"init {cfg.init} is a {type(init).__name__}, the teacher a {type(self.teacher).__name__}; "
+                             "distil a student from a checkpoint of the teacher's kind")
+        self.student = self.teacher.like(student_cfg)  # shares the teacher's frozen components, if any
         self.student.load_state_dict(init_sd)
         _check_fit(self.teacher, self.student, cfg)
         self.student.train()
-        # the prompt encoder is the teacher's and stays frozen, as a real teacher's text encoder does
-        self.student.prompt_encoder.requires_grad_(False)
+        # the text encoder is the teacher's and stays frozen, as a real teacher's does
+        self.student.text_encoder.requires_grad_(False)
         self.ema = copy.deepcopy(self.student).requires_grad_(False)
         self.critic = copy.deepcopy(self.teacher).requires_grad_(True).train() if cfg.method == "dmd" else None
         if self.dist.enabled:  # from outside the model code, before the optimizers exist
@@ -251,8 +267,11 @@ class DistillTrainer:
         self.opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
         if cfg.method == "dmd":
             self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0)
-            self.rollout_frames = cfg.rollout_frames or self.teacher.cfg.horizon_frames
-            self.data = ToyClipDataset(self.teacher.cfg.world, self.rollout_frames, base_seed=cfg.seed + 100)
+            self.rollout_frames = cfg.rollout_frames or self.teacher.horizon_frames
+            self.data = condition_source(self.teacher, cfg.prompts, self.rollout_frames, cfg.seed + 100)
+            if cfg.memory_weight > 0 and self.teacher.conditions(1, 0) is None:
+                raise ValueError("memory_weight > 0 needs ground-truth revisits (the toy world renders them); this teacher "
+                                 "has none: set memory_weight: 0")
         if cfg.method == "ode" or cfg.ode_weight > 0:
             self.pairs = ODEPairStore(cfg.ode_pairs)
             kept = [round(s, 6) for s in self.pairs.keep_sigmas]
@@ -308,9 +327,11 @@ class DistillTrainer:
         B = self.cfg.batch_size
         idx = [(self.step * B + i) % len(self.pairs) for i in range(B)][self.rows]
         x_levels = self.pairs.latents[idx][:, self.pair_levels].float()
-        context = self.student.encode_prompts([self.pairs.prompts[i] for i in idx])
-        return ode_regression_loss(self.student, self.layout, x_levels, self.cfg.sigmas, context, self.pairs.actions[idx],
-                                   self.gen, (B, self.rows))
+        param = self.student.dit.proj_out.weight
+        context = self.student.encode_prompts([self.pairs.prompts[i] for i in idx]).to(param.dtype)
+        actions = self.pairs.actions[idx] if self.student.num_actions else None
+        return ode_regression_loss(self.student, self.layout, x_levels.to(param.device, param.dtype), self.cfg.sigmas,
+                                   context, actions, self.gen, (B, self.rows), self.pairs.first_given)
 
     def _ode_step(self) -> dict[str, float]:
         value = self._apply(self._ode_loss(), self.student, self.opt, "ode")
@@ -326,14 +347,15 @@ class DistillTrainer:
         cfg = self.cfg
         stream = StreamGenerator(self.student, FewStepSampler(cfg.sigmas), causal=cfg.causal, batch_size=len(batch["prompt"]),
                                  global_batch=(cfg.batch_size, self.rows))
-        stream.reset(batch["prompt"], batch["frames"][:, 0], self.gen)
+        stream.reset(batch["prompt"], None if batch["frames"] is None else batch["frames"][:, 0], self.gen)
         F = cfg.causal.chunk_frames
-        window_start = self.rollout_frames - self.teacher.cfg.horizon_frames
+        window_start = self.rollout_frames - self.teacher.horizon_frames
+        actions = batch["actions"]
         chunks = []
         for c in range(self.rollout_frames // F):
             exit_step = int(torch.randint(0, len(cfg.sigmas), (1,), generator=self.gen))
             with torch.set_grad_enabled(with_grad and c * F >= window_start):
-                x0 = stream.next_chunk(batch["actions"][:, c * F : (c + 1) * F], exit_step=exit_step)
+                x0 = stream.next_chunk(None if actions is None else actions[:, c * F : (c + 1) * F], exit_step=exit_step)
             if c * F >= window_start:
                 chunks.append(x0)
         return torch.cat(chunks, 2)
@@ -341,19 +363,24 @@ class DistillTrainer:
     def _dmd_step(self) -> dict[str, float]:
         cfg = self.cfg
         rows = self.rows
-        batch = collate_clips([self.data[self.step * cfg.batch_size + i] for i in range(cfg.batch_size)[rows]])
-        batch["actions"] = self._dmd_batch_actions(batch)
+        batch = collate([self.data[self.step * cfg.batch_size + i] for i in range(cfg.batch_size)[rows]])
+        if batch["actions"] is not None and self.teacher.num_actions:
+            batch["actions"] = self._dmd_batch_actions(batch)
+        else:
+            batch["actions"] = None
+        first_given = batch["frames"] is not None  # image-to-video: frame 0 given, held clean
         B = len(batch["prompt"])
         train_student = self.step % cfg.critic_ratio == 0
         x0 = self.rollout(batch, with_grad=train_student)
         num_f = x0.shape[2]
-        window_actions = batch["actions"][:, -num_f:]
+        window_actions = acts = None if batch["actions"] is None else batch["actions"][:, -num_f:]
         anchor = self._stream_anchor(batch, self.rollout_frames - num_f)
-        ctx = self.teacher.encode_prompts(batch["prompt"] + [""] * B)
-        acts = torch.cat([window_actions, torch.full_like(window_actions, self.teacher.dit.null_action)])
+        ctx = self.teacher.encode_prompts(batch["prompt"] + [self.teacher.null_prompt] * B)
+        if window_actions is not None:
+            acts = torch.cat([window_actions, torch.full_like(window_actions, self.teacher.dit.null_action)])
         stats: dict[str, float] = {}
         if train_student:
-            s_BF, noise = self._levels_and_noise(x0.shape, num_f)
+            s_BF, noise = self._levels_and_noise(x0.shape, num_f, first_given)
             loss_g, extra = dmd_loss(x0, self.teacher, self.critic, ctx, acts, s_BF, noise, cfg.teacher_guidance, anchor)
             if cfg.ode_weight > 0:  # then "dmd_loss" is the student's whole objective, "dmd_term" its DMD part
                 loss_ode = self._ode_loss()
@@ -366,7 +393,7 @@ class DistillTrainer:
             stats["dmd_loss"] = self._apply(loss_g, self.student, self.opt, "dmd")
             update_ema(self.ema, self.student, self.cfg.ema_decay)
             stats.update(extra)
-        s_BF, noise = self._levels_and_noise(x0.shape, num_f)
+        s_BF, noise = self._levels_and_noise(x0.shape, num_f, first_given)
         critic_ctx = self.critic.encode_prompts(batch["prompt"])
         loss_c = critic_loss(self.critic, x0.detach(), critic_ctx, window_actions, s_BF, noise, anchor)
         stats["critic_loss"] = self._apply(loss_c, self.critic, self.critic_opt, "critic")
@@ -376,6 +403,8 @@ class DistillTrainer:
         """The rollouts' actions: the clips' own, or tethered moves drawn from each clip's seed
         (frame 0 does not depend on the actions, so the clip start is unchanged); the first
         ``revisit_share`` of the global batch's rows follow revisit trajectories instead."""
+        from streamkd.data.toyworld import tethered_actions  # camera moves of the toy world, whose clips carry actions
+
         world, T = self.teacher.cfg.world, batch["actions"].shape[1]
         if self.cfg.rollout_actions == "random":
             actions = batch["actions"].clone()
@@ -443,14 +472,14 @@ class DistillTrainer:
         # window frame j sits at camera[ws + j] - camera[ws - 1]; the first frame at camera[0] - camera[ws - 1]
         return latent_BC1hw[:, :, 0].float(), camera_BT2[:, 0] - camera_BT2[:, window_start - 1]
 
-    def _levels_and_noise(self, shape: torch.Size, num_f: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _levels_and_noise(self, shape: torch.Size, num_f: int, first_given: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """DMD / critic noise levels and noise, drawn for the global batch; this rank's rows."""
         size = self.cfg.batch_size
-        s_BF = sample_levels(size, num_f, self.gen, self.cfg.dmd_shift, self.cfg.dmd_s_min, self.cfg.dmd_s_max)
+        s_BF = sample_levels(size, num_f, self.gen, self.cfg.dmd_shift, self.cfg.dmd_s_min, self.cfg.dmd_s_max, first_given)
         noise = torch.randn((size, *shape[1:]), generator=self.gen)
         return s_BF[self.rows], noise[self.rows]
 
-    def _apply(self, loss: torch.Tensor, model: WorldModel, opt: torch.optim.Optimizer, term: str) -> float:
+    def _apply(self, loss: torch.Tensor, model: ModelBundle, opt: torch.optim.Optimizer, term: str) -> float:
         """One optimizer step on ``loss`` (this rank's share); returns the global-batch loss."""
         value = self.dist.mean(loss)
         if not math.isfinite(value):
@@ -490,7 +519,7 @@ class DistillTrainer:
         if self.step >= cfg.max_steps and (history or not (self.out / "final").is_dir()):
             ema_sd, _ = distributed.full_state(self.ema)
             if self.dist.is_main:
-                final = WorldModel(self.student.cfg)
+                final = self.student.like(self.student.cfg)
                 final.load_state_dict(ema_sd)
                 final.eval().save(self.out / "final")
         return history

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from streamkd.attention.layout import CausalLayout
-from streamkd.models.world import WorldModel
+from streamkd.bundle import ModelBundle
 from streamkd.sampling.schedule import shift_sigmas
 from streamkd.sampling.stream import guided
 
@@ -38,14 +38,17 @@ def weighted_mse(a: torch.Tensor, b: torch.Tensor, weight_BF: torch.Tensor) -> t
 
 
 def ode_regression_loss(
-    student: WorldModel, layout: CausalLayout, x_levels: torch.Tensor, sigmas: list[float], context: torch.Tensor,
-    actions: torch.Tensor, gen: torch.Generator, global_batch: tuple[int, slice] | None = None,
+    student: ModelBundle, layout: CausalLayout, x_levels: torch.Tensor, sigmas: list[float], context: torch.Tensor,
+    actions: torch.Tensor | None, gen: torch.Generator, global_batch: tuple[int, slice] | None = None,
+    first_given: bool = True,
 ) -> torch.Tensor:
     """Self-Forcing / CausVid ODE init: each chunk gets its own random level ``k``; the student,
     block-causal, maps the teacher's trajectory point ``x_levels[:, k]`` to its end ``x_levels[:, -1]``.
 
-    ``x_levels``: ``(B, K+1, C, F, h, w)``; frame 0 is the given first frame. ``global_batch``:
-    (size, rows) when ``x_levels`` is a data-parallel slice; the levels are drawn for the whole batch.
+    ``x_levels``: ``(B, K+1, C, F, h, w)``; frame 0 is the given first frame when ``first_given``
+    (image-to-video: held clean, not scored), else generated like the rest (text-to-video).
+    ``global_batch``: (size, rows) when ``x_levels`` is a data-parallel slice; the levels are drawn
+    for the whole batch.
     """
     B, K1, _, num_f = x_levels.shape[:4]
     num_chunks = -(-num_f // layout.chunk_frames)
@@ -56,24 +59,33 @@ def ode_regression_loss(
     x_in = x_in.permute(0, 2, 1, 3, 4)
     s_BF = torch.tensor(sigmas, dtype=torch.float32)[level_BF]
     x0 = x_levels[:, -1]
-    s_BF[:, 0] = 0.0
-    x_in[:, :, 0] = x0[:, :, 0]
-    v = student.dit(x_in, 1000.0 * s_BF, context, actions, layout=layout)
     weight_BF = torch.ones(B, num_f)
-    weight_BF[:, 0] = 0.0
+    if first_given:
+        s_BF[:, 0] = 0.0
+        x_in[:, :, 0] = x0[:, :, 0]
+        weight_BF[:, 0] = 0.0
+    v = student.dit(x_in, 1000.0 * s_BF.to(x_in.device), context, actions, layout=layout)
     return weighted_mse(x_in - _bcast(s_BF) * v, x0, weight_BF)
 
 
-def sample_levels(B: int, num_f: int, gen: torch.Generator, shift: float, s_min: float, s_max: float) -> torch.Tensor:
-    """One noise level per clip, ``shift(U[0,1])`` clamped to ``[s_min, s_max]``, frame 0 at 0."""
+def sample_levels(B: int, num_f: int, gen: torch.Generator, shift: float, s_min: float, s_max: float,
+                  first_given: bool = True) -> torch.Tensor:
+    """One noise level per clip, ``shift(U[0,1])`` clamped to ``[s_min, s_max]``; frame 0 at 0
+    when it is the given first frame."""
     s = shift_sigmas(torch.rand(B, generator=gen), shift).clamp(s_min, s_max)
     s_BF = s[:, None].expand(B, num_f).clone()
-    s_BF[:, 0] = 0.0
+    if first_given:
+        s_BF[:, 0] = 0.0
     return s_BF
 
 
+def _frame_weights(s_BF: torch.Tensor) -> torch.Tensor:
+    """Per-frame loss weights: frames held clean (the given first frame, level 0) do not count."""
+    return (s_BF > 0).float()
+
+
 def dmd_loss(
-    x0_student: torch.Tensor, teacher: WorldModel, critic: WorldModel, context_2B: torch.Tensor, actions_2B: torch.Tensor,
+    x0_student: torch.Tensor, teacher: ModelBundle, critic: ModelBundle, context_2B: torch.Tensor, actions_2B: torch.Tensor | None,
     s_BF: torch.Tensor, noise: torch.Tensor, teacher_guidance: float, anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """DMD generator loss on a batch of student clips (gradient flows into ``x0_student`` only).
@@ -89,21 +101,21 @@ def dmd_loss(
         t = 1000.0 * s_BF
         rows = 2 if teacher_guidance != 1.0 else 1
         anchor_rows = None if anchor is None else (anchor[0].repeat(rows, 1, 1, 1), anchor[1].repeat(rows, 1))
-        v_real = guided(teacher.dit(x_s.repeat(rows, 1, 1, 1, 1), t.repeat(rows, 1), context_2B[: rows * B], actions_2B[: rows * B],
+        actions_real = None if actions_2B is None else actions_2B[: rows * B]
+        actions_fake = None if actions_2B is None else actions_2B[:B]
+        v_real = guided(teacher.dit(x_s.repeat(rows, 1, 1, 1, 1), t.repeat(rows, 1), context_2B[: rows * B], actions_real,
                                     anchor=anchor_rows), B, teacher_guidance)
-        v_fake = critic.dit(x_s, t, context_2B[:B], actions_2B[:B], anchor=anchor)
+        v_fake = critic.dit(x_s, t, context_2B[:B], actions_fake, anchor=anchor)
         x0_real = x_s - _bcast(s_BF) * v_real
         x0_fake = x_s - _bcast(s_BF) * v_fake
         norm = (x - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
         grad = (x0_fake - x0_real) / norm
         target = x - grad
-    weight_BF = torch.ones_like(s_BF)
-    weight_BF[:, 0] = 0.0
-    return 0.5 * weighted_mse(x0_student, target, weight_BF), {"dmd_grad_norm": float(grad.pow(2).mean().sqrt())}
+    return 0.5 * weighted_mse(x0_student, target, _frame_weights(s_BF)), {"dmd_grad_norm": float(grad.pow(2).mean().sqrt())}
 
 
 def critic_loss(
-    critic: WorldModel, x0_student: torch.Tensor, context_B: torch.Tensor, actions_B: torch.Tensor, s_BF: torch.Tensor,
+    critic: ModelBundle, x0_student: torch.Tensor, context_B: torch.Tensor, actions_B: torch.Tensor, s_BF: torch.Tensor,
     noise: torch.Tensor, anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Flow matching of the fake-score critic on (detached) student samples (``anchor`` as in
@@ -111,6 +123,4 @@ def critic_loss(
     x = x0_student.detach()
     x_s = (1 - _bcast(s_BF)) * x + _bcast(s_BF) * noise
     v = critic.dit(x_s, 1000.0 * s_BF, context_B, actions_B, anchor=anchor)
-    weight_BF = torch.ones_like(s_BF)
-    weight_BF[:, 0] = 0.0
-    return weighted_mse(v, noise - x, weight_BF)
+    return weighted_mse(v, noise - x, _frame_weights(s_BF))

@@ -1,6 +1,7 @@
 """ODE pairs: points of the teacher's sampling trajectories, the data of ODE-regression init.
 
-For each training episode (first frame, prompt, actions from the toy world's train split) the
+For each training condition (prompt, and when the source gives them a first frame and actions:
+the toy world's train split, or a prompt file for text-to-video, ``streamkd.data.prompts``) the
 teacher integrates its flow ODE from pure noise with many Euler steps (CFG as configured), and we
 keep the latents at the student's noise levels plus the end point:
 
@@ -15,7 +16,7 @@ sampler makes from that noise. On the toy world that sampler is the teacher at i
 24.79 dB, 0.04 px against Euler 24's 23.77 dB, 1.49 px).
 
 Shards (``shard_00000.safetensors``: ``latents`` ``(N, K+1, C, F, h, w)`` fp16, ``actions``
-``(N, F)``, ``clip_index`` ``(N,)``; prompts in the safetensors metadata) are written atomically
+``(N, F)`` (zeros without actions), ``clip_index`` ``(N,)``; prompts in the safetensors metadata) are written atomically
 one by one; a rerun skips the shards that exist, so an interrupted run resumes where it stopped.
 """
 
@@ -30,8 +31,10 @@ import torch
 from tqdm import tqdm
 
 from streamkd.checkpoint import atomic_save_safetensors, load_safetensors
-from streamkd.data.toyworld import ToyClipDataset, collate_clips
-from streamkd.models.world import WorldModel
+from streamkd.config import to_dict
+from streamkd.bundle import ModelBundle, load_model
+from streamkd.models.wan_model import WanOptions
+from streamkd.data.prompts import collate, condition_source
 from streamkd.sampling.schedule import make_sampler
 from streamkd.sampling.stream import guided
 
@@ -39,7 +42,12 @@ from streamkd.sampling.stream import guided
 @dataclass
 class ODEPairsConfig:
     teacher: str = "toy-teacher"
-    """Teacher checkpoint (folder or shipped name)."""
+    """Teacher checkpoint (folder or shipped name, or a diffusers Wan pipeline folder)."""
+    prompts: str | None = None
+    """Prompt file (.txt, one per line, or .jsonl) to sample on; None: the teacher's own
+    conditions (the toy world's train clips). Text-to-video teachers (Wan) need one."""
+    wan: WanOptions = field(default_factory=WanOptions)
+    """Wan teachers: size, horizon, text length and negative prompt a pipeline folder does not record."""
     out_dir: str = "runs/ode_pairs"
     """Where the shards go."""
     num_clips: int = 256
@@ -84,32 +92,39 @@ def keep_indices(cfg: ODEPairsConfig) -> list[int]:
 
 @torch.no_grad()
 def teacher_trajectories(
-    teacher: WorldModel, batch: dict, cfg: ODEPairsConfig, gen: torch.Generator
+    teacher: ModelBundle, batch: dict, cfg: ODEPairsConfig, gen: torch.Generator
 ) -> torch.Tensor:
-    """``(B, K+1, C, F, h, w)``: the kept trajectory points and the end point."""
+    """``(B, K+1, C, F, h, w)``: the kept trajectory points and the end point (F: the teacher's
+    horizon). Frame 0 is held clean at the first frame's latent when the batch has frames."""
     frames, actions, prompts = batch["frames"], batch["actions"], batch["prompt"]
-    B, num_f = frames.shape[:2]
-    x0_data = teacher.codec.encode(frames)
-    first = x0_data[:, :, :1]
+    B, num_f = len(prompts), teacher.horizon_frames
+    param = teacher.dit.proj_out.weight
+    first = None if frames is None else teacher.codec.encode(frames[:, :1]).to(param.device, param.dtype)
+    if actions is not None and not teacher.num_actions:
+        actions = None  # a teacher without an action embedding ignores the source's actions
     sampler = cfg.make_sampler()
     use_cfg = cfg.guidance_scale != 1.0
     rows = 2 if use_cfg else 1
-    ctx = teacher.encode_prompts(list(prompts) + ([""] * B if use_cfg else []))
-    a = torch.cat([actions, torch.full_like(actions, teacher.dit.null_action)]) if use_cfg else actions
-    x = torch.randn(x0_data.shape, generator=gen)
+    ctx = teacher.encode_prompts(list(prompts) + ([teacher.null_prompt] * B if use_cfg else [])).to(param.dtype)
+    a = actions
+    if actions is not None and use_cfg:
+        a = torch.cat([actions, torch.full_like(actions, teacher.dit.null_action)])
+    x = torch.randn((B, teacher.codec.latent_channels, num_f, *teacher.latent_hw), generator=gen).to(param.device, param.dtype)
     keep = keep_indices(cfg)
     kept = []
-    t_BF = torch.empty(B * rows, num_f)
+    t_BF = torch.empty(B * rows, num_f, device=param.device)
     for i in range(sampler.num_steps + 1):
-        x[:, :, :1] = first
+        if first is not None:
+            x[:, :, :1] = first
         if i in keep:
             kept.append(x.clone())
         if i == sampler.num_steps:
             break
         t_BF.fill_(1000.0 * sampler.sigmas[i])
-        t_BF[:, 0] = 0.0
+        if first is not None:
+            t_BF[:, 0] = 0.0
         v = guided(teacher.dit(x.repeat(rows, 1, 1, 1, 1), t_BF, ctx, a), B, cfg.guidance_scale)
-        x = sampler.step(v, i, x, torch.randn(x.shape, generator=gen) if sampler.stochastic else None)
+        x = sampler.step(v, i, x, torch.randn(x.shape, generator=gen).to(x) if sampler.stochastic else None)
     kept.append(x)
     return torch.stack(kept, 1)
 
@@ -117,9 +132,9 @@ def teacher_trajectories(
 def generate_ode_pairs(cfg: ODEPairsConfig, progress: bool = True) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, indent=2))
-    teacher = WorldModel.load(cfg.teacher)
-    data = ToyClipDataset(teacher.cfg.world, teacher.cfg.horizon_frames, base_seed=cfg.base_seed)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    teacher = load_model(cfg.teacher, wan=cfg.wan if cfg.wan.given() else None)
+    data = condition_source(teacher, cfg.prompts, teacher.horizon_frames, cfg.base_seed)
     num_shards = -(-cfg.num_clips // cfg.shard_clips)
     for shard in tqdm(range(num_shards), desc="ode pairs (shards)", disable=not progress):
         path = out / f"shard_{shard:05d}.safetensors"
@@ -127,13 +142,15 @@ def generate_ode_pairs(cfg: ODEPairsConfig, progress: bool = True) -> Path:
             continue  # resume: shards are written atomically, an existing one is complete
         first = shard * cfg.shard_clips
         index = list(range(first, min(first + cfg.shard_clips, cfg.num_clips)))
-        batch = collate_clips([data[i] for i in index])
+        batch = collate([data[i] for i in index])
         gen = torch.Generator().manual_seed(cfg.base_seed * 1_000_003 + shard)  # per shard: resumable
         latents = teacher_trajectories(teacher, batch, cfg, gen)
         atomic_save_safetensors(
-            {"latents": latents.half(), "actions": batch["actions"], "clip_index": torch.tensor(index)},
+            {"latents": latents.half().cpu(), "clip_index": torch.tensor(index),
+             "actions": batch["actions"] if batch["actions"] is not None else torch.zeros(len(index), latents.shape[3], dtype=torch.long)},
             path,
-            metadata={"prompts": json.dumps(batch["prompt"]), "keep_sigmas": json.dumps(cfg.keep_sigmas)},
+            metadata={"prompts": json.dumps(batch["prompt"]), "keep_sigmas": json.dumps(cfg.keep_sigmas),
+                      "first_given": json.dumps(batch["frames"] is not None)},
         )
     return out
 
@@ -157,6 +174,9 @@ class ODEPairStore:
             actions.append(tensors["actions"])
             prompts += json.loads(meta["prompts"])
             self.keep_sigmas = json.loads(meta["keep_sigmas"])
+            # frame 0 of each trajectory is a given first frame (image-to-video) unless the shard
+            # says otherwise (text-to-video pairs; shards written before the key are all image-to-video)
+            self.first_given = json.loads(meta.get("first_given", "true"))
         self.latents = torch.cat(latents)
         self.actions = torch.cat(actions)
         self.prompts = prompts

@@ -31,7 +31,8 @@ from streamkd.eval.realism import RealismAccumulator, evaluate_references
 from streamkd.eval.revisit import GAPS, evaluate_revisits
 from streamkd.eval.prompt_classifier import PromptClassifier
 from streamkd.generate import generate_frames
-from streamkd.models.world import CausalConfig, SamplingConfig, WorldModel
+from streamkd.bundle import CausalConfig, SamplingConfig
+from streamkd.models.world import WorldModel
 
 
 @dataclass

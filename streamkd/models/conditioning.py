@@ -38,6 +38,12 @@ class WordPromptEncoder(nn.Module):
             rows.append(ids + [0] * (self.max_tokens - len(ids)))
         return torch.tensor(rows, dtype=torch.long, device=self.positions.device)
 
+    null_prompt = ""
+    """CFG's unconditional prompt (streamkd.bundle.TextEncoder)."""
+
     def forward(self, prompts: list[str]) -> torch.Tensor:
         """``(B, max_tokens, dim)`` prompt embeddings."""
         return self.words(self.token_ids(prompts)) + self.positions
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self(prompts)

@@ -9,66 +9,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 
-from streamkd.checkpoint import CheckpointError, atomic_save_safetensors, load_safetensors
+from streamkd.bundle import CausalConfig, SamplingConfig, resolve_checkpoint
+from streamkd.checkpoint import CheckpointError, atomic_save_safetensors, load_inference_weights
 from streamkd.config import from_dict, to_dict
-from streamkd.data.toyworld import ACTION_DELTAS, ACTIONS, STYLE_VOCAB, ToyWorldConfig
+from streamkd.data.toyworld import ACTION_DELTAS, ACTIONS, STYLE_VOCAB, ToyClipDataset, ToyWorldConfig, parse_prompt, render
 from streamkd.cache.memory import MemoryConfig
 from streamkd.models.codec import CodecConfig, PatchPCACodec
 from streamkd.models.conditioning import WordPromptEncoder
 from streamkd.models.dit import DiT, DiTConfig
-from streamkd.sampling.schedule import make_sampler
-
-
-@dataclass
-class CausalConfig:
-    """How a causal checkpoint streams: chunking, attention sinks and window (in latent frames)."""
-
-    chunk_frames: int = 3
-    """Latent frames generated per chunk (F)."""
-    sink_frames: int = 3
-    """First frames kept in the KV cache forever."""
-    window_frames: int = 6
-    """Most recent frames kept in the KV cache ring."""
-    memory: MemoryConfig | None = None
-    """Memory beyond the window (compressed tier, memory bank; ``streamkd.cache.memory``); None:
-    sinks + window only, in the contiguous cache."""
-
-    def __post_init__(self) -> None:
-        if self.chunk_frames < 1 or self.sink_frames < 0 or self.window_frames < self.chunk_frames:
-            raise ValueError(
-                "need chunk_frames >= 1, sink_frames >= 0 and window_frames >= chunk_frames; got "
-                f"{self.chunk_frames}, {self.sink_frames}, {self.window_frames}"
-            )
-
-
-@dataclass
-class SamplingConfig:
-    """How this checkpoint samples by default (the CLI can override each field)."""
-
-    kind: Literal["euler", "few_step"] = "euler"
-    """euler: many-step ODE (teachers); few_step: predict x0 and re-noise (distilled students)."""
-    num_steps: int = 24
-    """Denoising steps per frame (per chunk when streaming)."""
-    shift: float = 1.0
-    """Timestep shift s' = shift s / (1 + (shift - 1) s)."""
-    guidance_scale: float = 1.0
-    """CFG scale s in uncond + s (cond - uncond); 1 disables guidance (one model pass)."""
-    sigmas: list[float] | None = None
-    """Explicit few-step noise levels (decreasing, in (0, 1]); overrides num_steps/shift."""
-
-    def __post_init__(self) -> None:
-        if self.num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
-        if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
-
-    def make(self):
-        return make_sampler(self.kind, self.num_steps, self.shift, self.sigmas)
 
 
 @dataclass
@@ -130,17 +82,6 @@ class WorldModelConfig:
         return replace(memory, wrap_tokens=self.world.map_size // token_px)
 
 
-SHIPPED = Path(__file__).resolve().parent.parent / "assets"
-"""Checkpoints that ship inside the package (a few MB each), loadable by folder name."""
-
-
-def resolve_checkpoint(name: str | Path) -> Path:
-    path = Path(name)
-    if not path.exists() and (SHIPPED / str(name)).is_dir():
-        return SHIPPED / str(name)
-    return path
-
-
 class WorldModel(nn.Module):
     def __init__(self, cfg: WorldModelConfig):
         super().__init__()
@@ -149,12 +90,54 @@ class WorldModel(nn.Module):
         self.prompt_encoder = WordPromptEncoder(STYLE_VOCAB, cfg.prompt_tokens, cfg.dit.text_dim)
         self.codec = PatchPCACodec(cfg.codec)
 
+    # ------------------------------------------------------------- the bundle (streamkd.bundle)
+    @property
+    def text_encoder(self) -> WordPromptEncoder:
+        return self.prompt_encoder
+
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         return self.prompt_encoder(prompts)
 
     @property
+    def null_prompt(self) -> str:
+        return self.prompt_encoder.null_prompt
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.cfg.latent_size, self.cfg.latent_size
+
+    @property
+    def frame_hw(self) -> tuple[int, int]:
+        return self.cfg.world.frame_size, self.cfg.world.frame_size
+
+    @property
+    def horizon_frames(self) -> int:
+        return self.cfg.horizon_frames
+
+    @property
+    def num_actions(self) -> int:
+        return self.cfg.dit.num_actions
+
+    @property
     def is_causal(self) -> bool:
         return self.cfg.causal is not None
+
+    def check_prompt(self, prompt: str) -> str:
+        """The prompt in the toy world's grammar ('forest with red squares'); ValueError otherwise."""
+        return parse_prompt(prompt).prompt
+
+    def first_frame(self, seed: int, prompt: str):
+        """The toy world's frame 0 for (seed, prompt), uint8 ``(H, W, 3)``: every toy stream is
+        image-to-video from its episode's first frame."""
+        return render(seed, prompt, [0], 1, self.cfg.world)[0]
+
+    def conditions(self, num_frames: int, base_seed: int):
+        """The toy world's training clips (``streamkd.data.prompts`` condition source)."""
+        return ToyClipDataset(self.cfg.world, num_frames, base_seed=base_seed)
+
+    def like(self, cfg: WorldModelConfig) -> "WorldModel":
+        """A fresh toy bundle for ``cfg`` (the toy world trains every component, so nothing is shared)."""
+        return WorldModel(cfg)
 
     def save(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
         """Inference checkpoint: config.json + model.safetensors, each written atomically."""
@@ -180,14 +163,5 @@ class WorldModel(nn.Module):
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is corrupt") from None
         model = cls(cfg)
-        tensors = load_safetensors(folder / "model.safetensors")
-        own = model.state_dict()
-        missing = sorted(set(own) - set(tensors))
-        extra = sorted(set(tensors) - set(own))
-        if missing or extra:
-            raise CheckpointError(f"{folder}: weights do not match config.json (missing {missing[:5]}, unexpected {extra[:5]})")
-        for name, value in tensors.items():
-            if value.shape != own[name].shape:
-                raise CheckpointError(f"{folder}: tensor {name} has shape {tuple(value.shape)}, config expects {tuple(own[name].shape)}")
-        model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
+        load_inference_weights(model, folder)
         return model.to(device).eval()

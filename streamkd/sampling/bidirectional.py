@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from streamkd.models.world import WorldModel
+from streamkd.bundle import ModelBundle
 from streamkd.sampling.stream import guided
 
 
 @torch.no_grad()
 def sample_clip(
-    model: WorldModel,
+    model: ModelBundle,
     sampler,
     prompts: list[str],
     first_frames_BHWC: torch.Tensor | None,
@@ -27,10 +27,9 @@ def sample_clip(
     B = len(prompts)
     param = model.dit.proj_out.weight
     device, dtype = param.device, param.dtype
-    latent = model.cfg.latent_size
-    shape = (B, model.cfg.codec.latent_channels, num_frames, latent, latent)
+    shape = (B, model.codec.latent_channels, num_frames, *model.latent_hw)
     use_cfg = guidance_scale != 1.0
-    context = model.encode_prompts(list(prompts) + ([""] * B if use_cfg else [])).to(dtype)
+    context = model.encode_prompts(list(prompts) + ([model.null_prompt] * B if use_cfg else [])).to(dtype)
     actions = None
     if actions_BF is not None and model.dit.action_embed is not None:
         actions = actions_BF.to(device)

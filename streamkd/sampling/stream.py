@@ -28,7 +28,9 @@ from collections.abc import Callable
 
 import torch
 
-from streamkd.models.world import CausalConfig, WorldModel
+from streamkd.bundle import CausalConfig
+
+from streamkd.bundle import ModelBundle
 
 StepHook = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 """(chunk index, step index, model input x_BCFhw, timesteps t_BF, guided velocity v_BCFhw)."""
@@ -45,7 +47,7 @@ def guided(v_2B: torch.Tensor, batch: int, scale: float) -> torch.Tensor:
 class StreamGenerator:
     def __init__(
         self,
-        model: WorldModel,
+        model: ModelBundle,
         sampler,
         *,
         causal: CausalConfig | None = None,
@@ -73,10 +75,10 @@ class StreamGenerator:
         self.rows = batch_size * (2 if guidance_scale != 1.0 else 1)
         param = model.dit.proj_out.weight
         self.device, self.dtype = param.device, param.dtype
-        latent = model.cfg.latent_size
-        self.latent_shape = (model.cfg.codec.latent_channels, causal.chunk_frames, latent, latent)
+        h, w = model.latent_hw
+        self.latent_shape = (model.codec.latent_channels, causal.chunk_frames, h, w)
         self.cache = model.dit.new_cache(
-            batch_size=self.rows, height=latent, width=latent, sink_frames=causal.sink_frames,
+            batch_size=self.rows, height=h, width=w, sink_frames=causal.sink_frames,
             window_frames=causal.window_frames, chunk_frames=causal.chunk_frames,
             memory=model.cfg.memory_for_stream(causal.memory), pool=pool,
         )
@@ -110,7 +112,7 @@ class StreamGenerator:
     def set_prompts(self, prompts: list[str]) -> None:
         """Prompts for the following chunks (the cached history keeps the old prompt's keys)."""
         with torch.no_grad():
-            rows = list(prompts) + ([""] * self.batch_size if self.rows > self.batch_size else [])
+            rows = list(prompts) + ([self.model.null_prompt] * self.batch_size if self.rows > self.batch_size else [])
             self.context = self.model.encode_prompts(rows).to(self.dtype)
 
     @property
@@ -193,12 +195,17 @@ class StreamGenerator:
         is ignored, as in generation). The streaming decoder does not see the observed frames;
         a codec with temporal decoder state must be primed separately.
         """
-        F, size = self.causal.chunk_frames, self.model.cfg.world.frame_size
-        if frames_BFHWC.ndim != 5 or frames_BFHWC.shape[0] != self.batch_size or frames_BFHWC.shape[2:] != (size, size, 3):
-            raise ValueError(f"observe takes uint8 frames (batch={self.batch_size}, frames, {size}, {size}, 3), "
+        F, (H, W) = self.causal.chunk_frames, self.model.frame_hw
+        if frames_BFHWC.ndim != 5 or frames_BFHWC.shape[0] != self.batch_size or frames_BFHWC.shape[2:] != (H, W, 3):
+            raise ValueError(f"observe takes uint8 frames (batch={self.batch_size}, frames, {H}, {W}, 3), "
                              f"got {tuple(frames_BFHWC.shape)}")
         if frames_BFHWC.dtype != torch.uint8:
             raise ValueError(f"observe takes uint8 frames, got {frames_BFHWC.dtype}")
+        tf = self.model.codec.temporal_factor
+        if tf > 1 and (self.chunk_index or (frames_BFHWC.shape[1] - 1) % (tf * F)):
+            raise ValueError(f"this codec is {tf}x in time: observe from the stream's start, 1 + {tf} x {F} x k frames "
+                             f"(whole chunks of {F} latent frames), got {frames_BFHWC.shape[1]} frames after "
+                             f"{self.chunk_index} chunks")
         latents = self.model.codec.encode(frames_BFHWC).to(self.device, self.dtype)
         self.observe_latents(latents, actions_BF)
         return latents

@@ -1,0 +1,297 @@
+"""The Wan2.1 bundle: a diffusers Wan pipeline folder as a streamkd checkpoint.
+
+Two ways in (``streamkd.bundle.load_model`` picks by the folder's files):
+
+* a diffusers ``WanPipeline`` folder (``model_index.json``): its ``transformer/`` becomes the
+  bidirectional teacher (``streamkd.models.wan.load_wan_dit``), ``vae/`` the codec
+  (``streamkd.models.wan_vae``), ``tokenizer/`` + ``text_encoder/`` the UMT5 text encoder
+  (``streamkd.models.text``);
+* a student (or any DiT) saved by streamkd from one: ``config.json`` (``WanModelConfig``, with
+  ``"kind": "wan"``) + ``model.safetensors`` holding the DiT alone. The frozen VAE and text encoder
+  are not copied (gigabytes for Wan2.1: UMT5-XXL is 11 GB in bf16): the config names the pipeline
+  folder they are read from, and ``--pipeline`` / ``pipeline=`` points a moved student at another
+  copy.
+
+What a pipeline folder does not record is set here: the video size (``height`` x ``width``
+pixels), the training horizon in latent frames (Wan2.1: 81 frames = 21 latent frames at
+480x832), the text length (512 tokens, Wan's) and the negative prompt of CFG
+(``uncond + s (cond - uncond)`` with the negative prompt as ``uncond``; Wan's default ``s`` is 5).
+
+Frozen components live outside the module tree (``WanModel.frozen``): ``parameters()`` and
+``state_dict()`` are the DiT's alone, so trainers optimise and checkpoint only the denoiser, and a
+student, its teacher and its critic share one VAE and one text encoder in memory (``like``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from streamkd.bundle import CausalConfig, SamplingConfig
+from streamkd.cache.memory import MemoryConfig
+from streamkd.checkpoint import CheckpointError, atomic_save_safetensors, load_inference_weights
+from streamkd.config import from_dict, to_dict
+from streamkd.models.dit import DiT, DiTConfig
+
+PIPELINE_COMPONENTS = {
+    "transformer": "WanTransformer3DModel",
+    "vae": "AutoencoderKLWan",
+    "text_encoder": "UMT5EncoderModel",
+    "tokenizer": None,  # any T5 tokenizer class
+}
+"""What a Wan text-to-video pipeline folder must hold (subfolder -> the class it must name)."""
+
+SUPPORTED_PIPELINES = ("WanPipeline",)
+
+
+@dataclass
+class WanOptions:
+    """What a diffusers Wan pipeline folder does not record, set where a folder is loaded (the
+    ``wan:`` section of ode-pairs / distill configs, ``--height`` etc. on the command line). None
+    keeps the checkpoint's value (a pipeline folder's: ``WanModelConfig``'s defaults)."""
+
+    height: int | None = None
+    """Video height in pixels."""
+    width: int | None = None
+    """Video width in pixels."""
+    horizon_frames: int | None = None
+    """Latent frames of one clip (the teacher's horizon)."""
+    max_text_length: int | None = None
+    """Prompt tokens."""
+    negative_prompt: str | None = None
+    """CFG's unconditional prompt."""
+
+    def given(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass
+class WanModelConfig:
+    kind: str = "wan"
+    """Marks a streamkd checkpoint of a Wan bundle (the toy world's config has no kind)."""
+    pipeline: str = ""
+    """The diffusers Wan pipeline folder the VAE, tokenizer and text encoder are read from."""
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    """Transformer shape (from the pipeline's transformer/config.json)."""
+    height: int = 480
+    """Video height in pixels (a multiple of the VAE stride x the patch size)."""
+    width: int = 832
+    """Video width in pixels."""
+    horizon_frames: int = 21
+    """Latent frames of one training clip (Wan2.1: 81 frames = 1 + 4 x 20)."""
+    max_text_length: int = 512
+    """Prompt tokens (UMT5); longer prompts are truncated with a warning (streamkd.models.text)."""
+    negative_prompt: str = ""
+    """CFG's unconditional prompt (diffusers' WanPipeline default: empty)."""
+    causal: CausalConfig | None = None
+    """Set for causal (streaming) checkpoints; None for bidirectional teachers."""
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(kind="euler", num_steps=50, shift=3.0, guidance_scale=5.0)
+    )
+    """Default sampler: Wan2.1's 50 flow-matching steps, shift 3 (its 480p setting), CFG 5."""
+
+    def __post_init__(self) -> None:
+        if self.kind != "wan":
+            raise ValueError(f"kind must be 'wan', got {self.kind!r}")
+        if self.horizon_frames < 1 or self.max_text_length < 1:
+            raise ValueError(f"horizon_frames and max_text_length must be >= 1, got {self.horizon_frames}, {self.max_text_length}")
+
+    def memory_for_stream(self, memory: MemoryConfig | None) -> MemoryConfig | None:
+        return memory  # no torus: a real camera does not wrap around
+
+
+class _Frozen:
+    """The components a Wan bundle reads but never trains, shared by teacher, student and critic."""
+
+    def __init__(self, codec: nn.Module, text_encoder: nn.Module) -> None:
+        self.codec = codec
+        self.text_encoder = text_encoder
+
+    def __deepcopy__(self, memo: dict) -> "_Frozen":
+        return self  # a deep-copied bundle (the critic, the EMA) shares the frozen components
+
+
+def check_pipeline_folder(folder: Path) -> dict:
+    """``model_index.json`` of a Wan pipeline folder, after checking every component is there."""
+    index_path = folder / "model_index.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index_path} is not valid JSON ({e})") from None
+    name = index.get("_class_name")
+    if name not in SUPPORTED_PIPELINES:
+        raise CheckpointError(
+            f"{index_path} names {name!r}; streamkd reads {', '.join(SUPPORTED_PIPELINES)} folders (Wan2.1 text-to-video: "
+            "transformer + UMT5 + AutoencoderKLWan). Image-to-video Wan folders add a CLIP image branch streamkd does not convert"
+        )
+    for sub, cls in PIPELINE_COMPONENTS.items():
+        path = folder / sub
+        if sub not in index or not path.is_dir():
+            raise CheckpointError(f"{folder} has no {sub}/ component (model_index.json or folder missing); a Wan pipeline "
+                                  f"folder needs {', '.join(PIPELINE_COMPONENTS)}: re-save it with WanPipeline.save_pretrained")
+        entry = index[sub]
+        if cls is not None and isinstance(entry, list) and len(entry) == 2 and entry[1] != cls:
+            raise CheckpointError(f"{folder}/model_index.json: {sub} is a {entry[1]}, expected {cls}")
+    return index
+
+
+class WanModel(nn.Module):
+    def __init__(self, cfg: WanModelConfig, frozen: _Frozen | None = None, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.frozen = frozen if frozen is not None else self._load_frozen(cfg, device)
+        self.dit = DiT(cfg.dit)
+        self._check_geometry()
+
+    @staticmethod
+    def _load_frozen(cfg: WanModelConfig, device: str | torch.device) -> _Frozen:
+        from streamkd.models.text import UMT5TextEncoder
+        from streamkd.models.wan_vae import WanVAECodec
+
+        folder = Path(cfg.pipeline)
+        if not (folder / "model_index.json").is_file():
+            raise CheckpointError(
+                f"the Wan pipeline folder {folder} (config field 'pipeline') is missing; this checkpoint reads its VAE and "
+                "text encoder from there: pass the folder's new place (--pipeline / pipeline=)"
+            )
+        check_pipeline_folder(folder)
+        codec = WanVAECodec.from_pretrained(folder).to(device)
+        text = UMT5TextEncoder.from_pretrained(folder, max_length=cfg.max_text_length,
+                                               negative_prompt=cfg.negative_prompt).to(device)
+        return _Frozen(codec, text)
+
+    def _check_geometry(self) -> None:
+        cfg, codec = self.cfg, self.frozen.codec
+        if cfg.dit.in_channels != codec.latent_channels or cfg.dit.out_channels != codec.latent_channels:
+            raise CheckpointError(
+                f"transformer in/out channels ({cfg.dit.in_channels}/{cfg.dit.out_channels}) do not match the VAE's "
+                f"{codec.latent_channels} latent channels (vae/config.json z_dim); the transformer and VAE come from different models"
+            )
+        _, ph, pw = cfg.dit.patch_size
+        stride_h, stride_w = codec.spatial_factor * ph, codec.spatial_factor * pw
+        if cfg.height % stride_h or cfg.width % stride_w or cfg.height < stride_h or cfg.width < stride_w:
+            raise ValueError(
+                f"video size {cfg.height}x{cfg.width} is not a multiple of the VAE stride {codec.spatial_factor} x patch "
+                f"{ph}x{pw} = {stride_h}x{stride_w}; use e.g. {max(stride_h, cfg.height // stride_h * stride_h)}x"
+                f"{max(stride_w, cfg.width // stride_w * stride_w)}"
+            )
+
+    # -------------------------------------------------------------------------- construction
+    @classmethod
+    def from_pipeline(cls, folder: str | Path, device: str | torch.device = "cpu", options: WanOptions | None = None) -> "WanModel":
+        """The bidirectional teacher of a diffusers Wan pipeline folder (``options``: what the
+        folder does not record)."""
+        from streamkd.models.wan import load_wan_dit
+
+        folder = Path(folder).resolve()
+        check_pipeline_folder(folder)
+        dit = load_wan_dit(folder, device=device)
+        cfg = WanModelConfig(pipeline=str(folder), dit=dit.cfg, **(options.given() if options else {}))
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model.cfg = cfg
+        model.frozen = cls._load_frozen(cfg, device)
+        model.dit = dit
+        model._check_geometry()
+        return model.eval()
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu", options: WanOptions | None = None,
+             pipeline: str | None = None) -> "WanModel":
+        """A Wan bundle saved by ``save`` (a distilled student); ``pipeline`` overrides where its
+        frozen components are read from, ``options`` the size / text fields of its config."""
+        folder = Path(folder)
+        cfg_path = folder / "config.json"
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{cfg_path} is missing; is {folder} a streamkd checkpoint?") from None
+        if pipeline is not None:
+            raw["pipeline"] = str(Path(pipeline).resolve())
+        raw.update(options.given() if options else {})
+        cfg = from_dict(WanModelConfig, raw)
+        model = cls(cfg, device=device)
+        load_inference_weights(model, folder)
+        return model.to(device).eval()
+
+    def like(self, cfg: WanModelConfig) -> "WanModel":
+        """A bundle with a fresh DiT for ``cfg`` sharing this one's VAE and text encoder."""
+        if (cfg.pipeline, cfg.max_text_length, cfg.negative_prompt) != (self.cfg.pipeline, self.cfg.max_text_length, self.cfg.negative_prompt):
+            return WanModel(cfg, device=self.dit.proj_out.weight.device)
+        return WanModel(cfg, frozen=self.frozen)
+
+    def save(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+        """config.json (naming the pipeline folder) + model.safetensors (the DiT), each atomic."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in self.state_dict().items()}
+        atomic_save_safetensors(tensors, folder / "model.safetensors")
+        tmp = folder / ".config.json.tmp"
+        tmp.write_text(json.dumps(to_dict(self.cfg), indent=2))
+        tmp.replace(folder / "config.json")
+
+    def _apply(self, fn, recurse=True):  # .to(device) / .half() reach the frozen components too
+        super()._apply(fn, recurse)
+        self.frozen.codec._apply(fn, recurse)
+        self.frozen.text_encoder._apply(fn, recurse)
+        return self
+
+    # ---------------------------------------------------------------- the bundle (streamkd.bundle)
+    @property
+    def codec(self):
+        return self.frozen.codec
+
+    @property
+    def text_encoder(self):
+        return self.frozen.text_encoder
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return self.frozen.text_encoder.encode(list(prompts))
+
+    @property
+    def null_prompt(self) -> str:
+        return self.frozen.text_encoder.null_prompt
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        s = self.frozen.codec.spatial_factor
+        return self.cfg.height // s, self.cfg.width // s
+
+    @property
+    def frame_hw(self) -> tuple[int, int]:
+        return self.cfg.height, self.cfg.width
+
+    @property
+    def horizon_frames(self) -> int:
+        return self.cfg.horizon_frames
+
+    @property
+    def num_actions(self) -> int:
+        return self.cfg.dit.num_actions
+
+    @property
+    def is_causal(self) -> bool:
+        return self.cfg.causal is not None
+
+    def conditions(self, num_frames: int, base_seed: int) -> None:
+        """None: Wan distils on a prompt file (``prompts=``), it has no built-in conditions."""
+        return None
+
+    def check_prompt(self, prompt: str) -> str:
+        """Free text, refused (not truncated) past the text encoder's token limit: a live client
+        gets told rather than silently served a shorter prompt."""
+        prompt = prompt.strip()
+        if not prompt:
+            raise ValueError("the prompt is empty; describe the video")
+        count = self.frozen.text_encoder.token_counts([prompt])[0]
+        if count > self.cfg.max_text_length:
+            raise ValueError(f"the prompt is {count} tokens, this model reads at most {self.cfg.max_text_length}; shorten it")
+        return prompt
+
+    def first_frame(self, seed: int, prompt: str) -> None:
+        """No default first frame: a Wan stream is text-to-video unless an image is given."""
+        return None
