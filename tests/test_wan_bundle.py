@@ -230,3 +230,28 @@ def test_eval_and_serve_refuse_what_they_cannot_run(folder, tmp_path) -> None:
     assert run.returncode != 0 and "exact ground truth" in run.stderr.strip().splitlines()[-1]
     with pytest.raises(ValueError, match="bidirectional"):  # a pipeline's teacher: distil it first
         build_backend(str(folder), oracle=False, max_batch=1)
+
+
+def test_prompt_cache_in_training_gives_the_same_pairs(folder, tmp_path) -> None:
+    """ODE pairs with ``prompt_cache`` equal those without; every prompt (and the negative prompt)
+    went through UMT5 once, into the cache folder."""
+    from streamkd.config import load_config
+    from streamkd.distill.ode_pairs import ODEPairsConfig, ODEPairStore, generate_ode_pairs
+
+    configs = Path(__file__).resolve().parent.parent / "configs" / "tiny-wan"
+    common = [f"teacher={folder}", f"prompts={configs / 'prompts.txt'}", "num_clips=4", "num_steps=4",
+              "keep_sigmas=[1.0,0.9375]"]
+    plain = generate_ode_pairs(load_config(ODEPairsConfig, configs / "ode_pairs.yaml", common + [f"out_dir={tmp_path / 'a'}"]),
+                               progress=False)
+    cached = generate_ode_pairs(load_config(ODEPairsConfig, configs / "ode_pairs.yaml",
+                                            common + [f"out_dir={tmp_path / 'b'}", f"prompt_cache={tmp_path / 'cache'}"]),
+                                progress=False)
+    assert torch.equal(ODEPairStore(plain).latents, ODEPairStore(cached).latents)
+    files = list((tmp_path / "cache").rglob("*.safetensors"))
+    prompts = (configs / "prompts.txt").read_text().splitlines()
+    assert len(files) == len(set(prompts)) + 1  # the prompt file, then the (empty) negative prompt on first use
+    with pytest.raises(ValueError, match="needs none"):
+        generate_ode_pairs(load_config(ODEPairsConfig, configs / "ode_pairs.yaml",
+                                       ["teacher=toy-teacher", "prompts=null", "wan.height=null", "wan.width=null",
+                                        "wan.horizon_frames=null", "wan.max_text_length=null", f"out_dir={tmp_path / 'c'}",
+                                        f"prompt_cache={tmp_path / 'cache'}"]), progress=False)

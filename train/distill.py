@@ -67,6 +67,9 @@ class DistillConfig:
     prompts: str | None = None
     """dmd: prompt file (.txt, one per line, or .jsonl) the rollouts are conditioned on; None: the
     teacher's own conditions (the toy world's clips). Text-to-video teachers (Wan) need one."""
+    prompt_cache: str | None = None
+    """Folder of cached prompt embeddings (Wan teachers): every prompt of ``prompts`` goes through
+    UMT5 once, before the first step, and is read from disk after (``streamkd.models.text``)."""
     wan: WanOptions = field(default_factory=WanOptions)
     """Wan teachers: size, horizon, text length and negative prompt a pipeline folder does not record."""
     init: str | None = None
@@ -257,6 +260,10 @@ class DistillTrainer:
         self.student.train()
         # the text encoder is the teacher's and stays frozen, as a real teacher's does
         self.student.text_encoder.requires_grad_(False)
+        if cfg.prompt_cache is not None:  # shared with the student and critic through the frozen components
+            from streamkd.data.prompts import PromptDataset
+
+            self.teacher.use_prompt_cache(cfg.prompt_cache, PromptDataset(cfg.prompts).prompts if cfg.prompts else ())
         self.ema = copy.deepcopy(self.student).requires_grad_(False)
         self.critic = copy.deepcopy(self.teacher).requires_grad_(True).train() if cfg.method == "dmd" else None
         if self.dist.enabled:  # from outside the model code, before the optimizers exist

@@ -46,6 +46,9 @@ class ODEPairsConfig:
     prompts: str | None = None
     """Prompt file (.txt, one per line, or .jsonl) to sample on; None: the teacher's own
     conditions (the toy world's train clips). Text-to-video teachers (Wan) need one."""
+    prompt_cache: str | None = None
+    """Folder of cached prompt embeddings (Wan teachers): every prompt of ``prompts`` goes through
+    UMT5 once, before the first step, and is read from disk after (``streamkd.models.text``)."""
     wan: WanOptions = field(default_factory=WanOptions)
     """Wan teachers: size, horizon, text length and negative prompt a pipeline folder does not record."""
     out_dir: str = "runs/ode_pairs"
@@ -135,6 +138,8 @@ def generate_ode_pairs(cfg: ODEPairsConfig, progress: bool = True) -> Path:
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     teacher = load_model(cfg.teacher, wan=cfg.wan if cfg.wan.given() else None)
     data = condition_source(teacher, cfg.prompts, teacher.horizon_frames, cfg.base_seed)
+    if cfg.prompt_cache is not None:
+        teacher.use_prompt_cache(cfg.prompt_cache, getattr(data, "prompts", ()))
     num_shards = -(-cfg.num_clips // cfg.shard_clips)
     for shard in tqdm(range(num_shards), desc="ode pairs (shards)", disable=not progress):
         path = out / f"shard_{shard:05d}.safetensors"

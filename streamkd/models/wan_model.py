@@ -110,6 +110,7 @@ class _Frozen:
     def __init__(self, codec: nn.Module, text_encoder: nn.Module) -> None:
         self.codec = codec
         self.text_encoder = text_encoder
+        self.prompt_cache = None  # a PromptEmbeddingCache in front of the text encoder (training runs)
 
     def __deepcopy__(self, memo: dict) -> "_Frozen":
         return self  # a deep-copied bundle (the critic, the EMA) shares the frozen components
@@ -250,7 +251,18 @@ class WanModel(nn.Module):
         return self.frozen.text_encoder
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        return self.frozen.text_encoder.encode(list(prompts))
+        encoder = self.frozen.prompt_cache or self.frozen.text_encoder
+        return encoder.encode(list(prompts))
+
+    def use_prompt_cache(self, folder: str | Path, prompts: list[str] = ()) -> None:
+        """Read prompt embeddings from (and write new ones to) ``folder``, for this bundle and
+        every bundle sharing its frozen components; ``prompts`` are encoded now (the training
+        set, once, before the first step)."""
+        from streamkd.models.text import PromptEmbeddingCache
+
+        self.frozen.prompt_cache = PromptEmbeddingCache(folder, self.frozen.text_encoder)
+        if prompts:
+            self.frozen.prompt_cache.prefill(list(prompts))
 
     @property
     def null_prompt(self) -> str:

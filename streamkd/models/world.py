@@ -135,6 +135,10 @@ class WorldModel(nn.Module):
         """The toy world's training clips (``streamkd.data.prompts`` condition source)."""
         return ToyClipDataset(self.cfg.world, num_frames, base_seed=base_seed)
 
+    def use_prompt_cache(self, folder, prompts=()) -> None:
+        raise ValueError("prompt_cache caches a Wan model's UMT5 embeddings; the toy world's word encoder needs none: "
+                         "set prompt_cache: null")
+
     def like(self, cfg: WorldModelConfig) -> "WorldModel":
         """A fresh toy bundle for ``cfg`` (the toy world trains every component, so nothing is shared)."""
         return WorldModel(cfg)
