@@ -255,3 +255,21 @@ def test_prompt_cache_in_training_gives_the_same_pairs(folder, tmp_path) -> None
                                        ["teacher=toy-teacher", "prompts=null", "wan.height=null", "wan.width=null",
                                         "wan.horizon_frames=null", "wan.max_text_length=null", f"out_dir={tmp_path / 'c'}",
                                         f"prompt_cache={tmp_path / 'cache'}"]), progress=False)
+
+
+def test_wan_configs_parse_and_tiny_mirrors_the_real_recipe() -> None:
+    from streamkd.config import load_config
+    from streamkd.distill.ode_pairs import ODEPairsConfig
+    from streamkd.train.distill import DistillConfig
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    real, tiny = root / "wan2.1-t2v-1.3b", root / "tiny-wan"
+    assert sorted(p.name for p in real.glob("*.yaml")) == sorted(p.name for p in tiny.glob("*.yaml"))
+    for folder in (real, tiny):
+        for path in folder.glob("*.yaml"):
+            cfg = load_config(ODEPairsConfig if path.name == "ode_pairs.yaml" else DistillConfig, path, [])
+            if path.name != "ode_pairs.yaml":
+                assert cfg.sigmas == [1.0, 0.9375, 0.8333333, 0.625] and cfg.causal.chunk_frames == 3
+    dmd = load_config(DistillConfig, real / "distill_dmd.yaml", [])
+    assert (dmd.wan.height, dmd.wan.width, dmd.wan.horizon_frames) == (480, 832, 21)
+    assert (dmd.lr, dmd.critic_lr, dmd.critic_ratio, dmd.teacher_guidance) == (2e-6, 4e-7, 5, 3.0)
