@@ -206,6 +206,12 @@ def test_end_to_end_pipeline_to_served_stream(folder, tmp_path) -> None:
                 frames = [await c.next_frame() for _ in range(14)]
                 await c.send({"type": "prompt", "prompt": "x " * 200})  # over the 48-token limit: refused, not cut
                 assert "shorten it" in (await c.next_event("error"))["message"]
+                await c.prompt("a white boat on a blue lake")  # re-caches the window under the new prompt
+                applied = await c.next_event("prompt_applied")
+                while (f := await c.next_frame()).header.frame_seq < applied["frame_seq"]:
+                    pass
+                assert f.header.frame_seq == applied["frame_seq"] and f.header.flags & 16  # PROMPT_CHANGED
+                assert (applied["frame_seq"] - 9) % 12 == 0  # at a chunk start: 9 frames, then 12 per chunk
                 return frames
 
     frames = asyncio.run(asyncio.wait_for(serve(), 60))
