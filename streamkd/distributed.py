@@ -95,7 +95,7 @@ def exit_worker(code: int) -> None:
 
 
 def parallelize(model: torch.nn.Module, engine: str = "fsdp2") -> None:
-    """Shard ``model`` (a WorldModel) in place. Call before creating its optimizer."""
+    """Shard ``model`` (a model bundle) in place. Call before creating its optimizer."""
     if engine != "fsdp2":
         raise ValueError(f"unknown parallel engine {engine!r}; this build supports 'fsdp2'")
     from torch.distributed.fsdp import fully_shard
@@ -105,7 +105,10 @@ def parallelize(model: torch.nn.Module, engine: str = "fsdp2") -> None:
     for block in model.dit.blocks:
         fully_shard(block)
     fully_shard(model.dit)
-    fully_shard(model.prompt_encoder)
+    # a text encoder inside the module tree (the toy world's, trained with the teacher) is sharded
+    # too; a frozen one kept outside it (Wan's UMT5, shared by every bundle) is replicated
+    if any(module is model.text_encoder for module in model.children()):
+        fully_shard(model.text_encoder)
 
 
 def reshard(model: torch.nn.Module) -> None:

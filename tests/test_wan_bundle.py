@@ -279,3 +279,29 @@ def test_wan_configs_parse_and_tiny_mirrors_the_real_recipe() -> None:
     dmd = load_config(DistillConfig, real / "distill_dmd.yaml", [])
     assert (dmd.wan.height, dmd.wan.width, dmd.wan.horizon_frames) == (480, 832, 21)
     assert (dmd.lr, dmd.critic_lr, dmd.critic_ratio, dmd.teacher_guidance) == (2e-6, 4e-7, 5, 3.0)
+
+
+@pytest.mark.distributed
+def test_wan_dmd_two_processes_match_single_process(folder, tmp_path) -> None:
+    """torchrun + FSDP2 on a Wan teacher (text-to-video, prompt file): the DiTs sharded, the
+    frozen UMT5 and VAE replicated; two processes reproduce one process's losses to 1e-5."""
+    import os
+
+    from streamkd.config import dump_yaml, load_config
+    from streamkd.train.distill import DistillConfig, DistillTrainer
+
+    configs = Path(__file__).resolve().parent.parent / "configs" / "tiny-wan"
+    overrides = [f"teacher={folder}", "init=null", f"prompts={configs / 'prompts.txt'}", "batch_size=2", "max_steps=3",
+                 "critic_ratio=2", "log_every=1", "threads=1"]
+    single = DistillTrainer(load_config(DistillConfig, configs / "distill_dmd.yaml", overrides + [f"out_dir={tmp_path / 'one'}"]))
+    want = [{k: r[k] for k in ("dmd_loss", "critic_loss") if k in r} for r in single.train(progress=False)]
+    cfg_path = tmp_path / "two.yaml"
+    cfg_path.write_text(dump_yaml(load_config(DistillConfig, configs / "distill_dmd.yaml", overrides + [f"out_dir={tmp_path / 'two'}"])))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "streamkd.cli", "distill", "train", "--config", str(cfg_path), "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = [json.loads(line) for line in (tmp_path / "two" / "losses.jsonl").read_text().splitlines()]
+    got = [{k: r[k] for k in ("dmd_loss", "critic_loss") if k in r} for r in logged]
+    assert [sorted(r) for r in got] == [sorted(r) for r in want] and len(got) == 3
+    assert all(abs(a[k] - b[k]) <= 1e-5 * abs(b[k]) for a, b in zip(got, want) for k in b), (got, want)
