@@ -305,3 +305,12 @@ def test_wan_dmd_two_processes_match_single_process(folder, tmp_path) -> None:
     got = [{k: r[k] for k in ("dmd_loss", "critic_loss") if k in r} for r in logged]
     assert [sorted(r) for r in got] == [sorted(r) for r in want] and len(got) == 3
     assert all(abs(a[k] - b[k]) <= 1e-5 * abs(b[k]) for a, b in zip(got, want) for k in b), (got, want)
+
+
+def test_other_transformer_class_named(folder, tmp_path) -> None:
+    bad = _copy(folder, tmp_path / "bad")
+    index = json.loads((bad / "model_index.json").read_text())
+    index["transformer"] = ["diffusers", "CogVideoXTransformer3DModel"]
+    (bad / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="transformer is a CogVideoXTransformer3DModel, expected WanTransformer3DModel"):
+        load_model(bad, wan=SIZE)
