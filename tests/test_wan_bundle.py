@@ -314,3 +314,20 @@ def test_other_transformer_class_named(folder, tmp_path) -> None:
     (bad / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="transformer is a CogVideoXTransformer3DModel, expected WanTransformer3DModel"):
         load_model(bad, wan=SIZE)
+
+
+def test_image_to_video_holds_the_image(folder) -> None:
+    """A first frame (``--image``) is frame 0 held clean: the stream starts with the VAE's round
+    trip of the image, bidirectional and streamed alike."""
+    from streamkd.bundle import CausalConfig, SamplingConfig
+    from streamkd.generate import generate_frames
+
+    model = load_model(folder, wan=SIZE)
+    image = torch.randint(0, 256, (32, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    expected = model.codec.decode(model.codec.encode(image[None, None]))[0, 0].numpy()
+    sampling = SamplingConfig(kind="euler", num_steps=2, shift=3.0, guidance_scale=5.0)
+    for causal in (None, CausalConfig(chunk_frames=3, sink_frames=3, window_frames=3)):
+        frames = np.concatenate(list(generate_frames(model, prompt="a cat", seed=0, actions=[0] * 3, first_frame=image.numpy(),
+                                                     sampling=sampling, causal=causal)))
+        assert frames.shape == (9, 32, 48, 3)
+        assert np.abs(frames[0].astype(int) - expected.astype(int)).max() <= 1
