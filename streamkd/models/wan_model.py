@@ -141,11 +141,14 @@ def check_pipeline_folder(folder: Path) -> dict:
 
 
 class WanModel(nn.Module):
-    def __init__(self, cfg: WanModelConfig, frozen: _Frozen | None = None, device: str | torch.device = "cpu") -> None:
+    def __init__(self, cfg: WanModelConfig, frozen: _Frozen | None = None, device: str | torch.device = "cpu",
+                 dit: DiT | None = None) -> None:
+        """A bundle for ``cfg``: ``frozen`` components shared with another bundle (else read from
+        ``cfg.pipeline``), and ``dit`` when its weights are already loaded (else a fresh DiT)."""
         super().__init__()
         self.cfg = cfg
         self.frozen = frozen if frozen is not None else self._load_frozen(cfg, device)
-        self.dit = DiT(cfg.dit)
+        self.dit = dit if dit is not None else DiT(cfg.dit)
         self._check_geometry()
 
     @staticmethod
@@ -192,13 +195,7 @@ class WanModel(nn.Module):
         check_pipeline_folder(folder)
         dit = load_wan_dit(folder, device=device)
         cfg = WanModelConfig(pipeline=str(folder), dit=dit.cfg, **(options.given() if options else {}))
-        model = cls.__new__(cls)
-        nn.Module.__init__(model)
-        model.cfg = cfg
-        model.frozen = cls._load_frozen(cfg, device)
-        model.dit = dit
-        model._check_geometry()
-        return model.eval()
+        return cls(cfg, device=device, dit=dit).eval()
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu", options: WanOptions | None = None,
