@@ -526,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="render a video from a checkpoint (offline, any length for causal models)")
     p.add_argument("--checkpoint", default="toy-student",
                    help="checkpoint folder (config.json + model.safetensors) or shipped name (default: toy-student)")
-    p.add_argument("--prompt", required=True, help='style prompt, e.g. "forest with red squares"')
+    p.add_argument("--prompt", required=True, help="the prompt: the toy world's grammar ('forest with red squares'), free text for Wan models")
     p.add_argument("--seed", type=int, default=0, help="toy-world episode (first frame) and sampling seed")
     p.add_argument("--actions", default="none", help="action spec 'right:16,up:8,none:4' (repeats to fill) or a file")
     p.add_argument("--frames", type=int, help="frames to generate (default: the model's horizon, 12 for the toy world; "
