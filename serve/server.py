@@ -671,7 +671,7 @@ class _Connection:
 _KEEP = object()
 
 
-def build_backend(checkpoint: str, oracle: bool, max_batch: int, memory=_KEEP):
+def build_backend(checkpoint: str, oracle: bool, max_batch: int, memory=_KEEP, pipeline: str | None = None):
     """The model backend for a checkpoint (refusing bidirectional ones), or the world oracle.
     ``memory``: a ``MemoryConfig`` (or None: sinks + window only) in place of the checkpoint's
     ``causal.memory``."""
@@ -683,7 +683,7 @@ def build_backend(checkpoint: str, oracle: bool, max_batch: int, memory=_KEEP):
         return WorldOracleBackend(ToyWorldConfig())
     from streamkd.bundle import load_model
 
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, pipeline=pipeline)
     if memory is not _KEEP:
         if model.cfg.causal is None:
             raise ValueError(f"{checkpoint} is bidirectional: --memory needs a causal checkpoint")
@@ -693,8 +693,8 @@ def build_backend(checkpoint: str, oracle: bool, max_batch: int, memory=_KEEP):
     return ModelBackend(model, max_batch=max_batch)
 
 
-def run(cfg: ServerConfig, checkpoint: str, oracle: bool = False, memory=_KEEP) -> None:
+def run(cfg: ServerConfig, checkpoint: str, oracle: bool = False, memory=_KEEP, pipeline: str | None = None) -> None:
     """``streamkd serve``: load, listen, serve until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    backend = build_backend(checkpoint, oracle, cfg.engine.max_batch, memory)
+    backend = build_backend(checkpoint, oracle, cfg.engine.max_batch, memory, pipeline)
     asyncio.run(StreamServer(cfg, backend).serve_forever())

@@ -439,6 +439,8 @@ def cmd_serve(args) -> None:
     # and with more OpenMP threads than cores libgomp stops spin-waiting, so every small parallel
     # op of the worker pays a futex wake-up (measured: ~1.7x slower chunks on 2 cores).
     extra = {} if args.memory is None else {"memory": _memory_spec(args.memory)}
+    if args.pipeline is not None:
+        extra["pipeline"] = args.pipeline
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -552,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="real-time websocket server: browser client at /, protocol at /ws, /healthz")
     p.add_argument("--checkpoint", default="toy-student", help="causal checkpoint folder or shipped name (toy-student)")
+    p.add_argument("--pipeline", help="a Wan student's pipeline folder (VAE, text encoder), if it moved")
     p.add_argument("--memory", help="world memory for every session: 'window' (none) or MemoryConfig fields, e.g. "
                                     "bank_frames=16,retrieve_frames=3 (default: the checkpoint's causal.memory)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind; anything but loopback needs --token")

@@ -218,6 +218,11 @@ def test_end_to_end_pipeline_to_served_stream(folder, tmp_path) -> None:
     assert [f.header.frame_seq for f in frames] == list(range(14))
     assert frames[0].image.shape == (32, 48, 3) and frames[9].header.flags & 4  # chunk 2 starts at frame 9
 
+    from streamkd.serve.server import build_backend
+
+    moved = _copy(folder, tmp_path / "moved-pipeline")  # `streamkd serve --pipeline`: a student whose pipeline moved
+    assert build_backend(str(tmp_path / "dmd" / "final"), False, 1, pipeline=str(moved)).model.cfg.pipeline == str(moved.resolve())
+
     out = export_wan_folder(student.dit, tmp_path / "diffusers")
     wan = WanTransformer3DModel.from_pretrained(str(out)).eval()
     x, t = torch.randn(1, 16, 3, 4, 6), torch.full((1,), 700.0)
