@@ -31,11 +31,7 @@ from streamkd.models.wan import (  # noqa: E402
     load_wan_folder_with_extras,
 )
 
-ATOL = 1e-5
-TINY = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-    text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=64,
-)
+from tests.test_wan_parity import ATOL, TINY  # noqa: E402  (the same tiny Wan config as the parity tests)
 NUM_ACTIONS = 4
 SHIFTS = ((0, 0), (1, 0), (0, 1), (-1, 0))  # camera-anchored RoPE: one token per move
 BASE_FILES = ["config.json", "diffusion_pytorch_model.safetensors", "streamkd_extras.json"]
