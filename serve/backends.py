@@ -198,7 +198,7 @@ class ModelBackend:
                 stream.visible.push(stream.frames_done, latents[b], [actions[b]] * F)
                 stream.frames_done += F
                 # decoded per session: a temporal codec (the Wan VAE) keeps per-stream state
-                out.append(stream.gen.decode(latents[b : b + 1])[0].numpy())
+                out.append(stream.gen.decode(latents[b : b + 1])[0].cpu().numpy())
             except Exception as e:
                 out.append(e)
         return out

@@ -671,10 +671,10 @@ class _Connection:
 _KEEP = object()
 
 
-def build_backend(checkpoint: str, oracle: bool, max_batch: int, memory=_KEEP, pipeline: str | None = None):
+def build_backend(checkpoint: str, oracle: bool, max_batch: int, memory=_KEEP, pipeline: str | None = None, runtime=None):
     """The model backend for a checkpoint (refusing bidirectional ones), or the world oracle.
     ``memory``: a ``MemoryConfig`` (or None: sinks + window only) in place of the checkpoint's
-    ``causal.memory``."""
+    ``causal.memory``. ``runtime``: a ``RuntimeConfig`` (device, precision) for the model."""
     from streamkd.serve.backends import ModelBackend, WorldOracleBackend
 
     if oracle:
@@ -684,6 +684,10 @@ def build_backend(checkpoint: str, oracle: bool, max_batch: int, memory=_KEEP, p
     from streamkd.bundle import load_model
 
     model = load_model(checkpoint, pipeline=pipeline)
+    if runtime is not None:
+        from streamkd.runtime import place
+
+        place(model, runtime.torch_device(), runtime.dtype)
     if memory is not _KEEP:
         if model.cfg.causal is None:
             raise ValueError(f"{checkpoint} is bidirectional: --memory needs a causal checkpoint")
@@ -693,8 +697,9 @@ def build_backend(checkpoint: str, oracle: bool, max_batch: int, memory=_KEEP, p
     return ModelBackend(model, max_batch=max_batch)
 
 
-def run(cfg: ServerConfig, checkpoint: str, oracle: bool = False, memory=_KEEP, pipeline: str | None = None) -> None:
+def run(cfg: ServerConfig, checkpoint: str, oracle: bool = False, memory=_KEEP, pipeline: str | None = None,
+        runtime=None) -> None:
     """``streamkd serve``: load, listen, serve until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    backend = build_backend(checkpoint, oracle, cfg.engine.max_batch, memory, pipeline)
+    backend = build_backend(checkpoint, oracle, cfg.engine.max_batch, memory, pipeline, runtime)
     asyncio.run(StreamServer(cfg, backend).serve_forever())

@@ -94,21 +94,27 @@ def exit_worker(code: int) -> None:
         os._exit(code)
 
 
-def parallelize(model: torch.nn.Module, engine: str = "fsdp2") -> None:
-    """Shard ``model`` (a model bundle) in place. Call before creating its optimizer."""
+def parallelize(model: torch.nn.Module, engine: str = "fsdp2", compute_dtype: torch.dtype | None = None) -> None:
+    """Shard ``model`` (a model bundle) in place. Call before creating its optimizer.
+
+    ``compute_dtype`` (bf16 training of fp32 master weights): parameters are all-gathered in that
+    dtype and gradients reduced in fp32 (FSDP2's ``MixedPrecisionPolicy``)."""
     if engine != "fsdp2":
         raise ValueError(f"unknown parallel engine {engine!r}; this build supports 'fsdp2'")
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    kwargs = {}
+    if compute_dtype is not None and compute_dtype != torch.float32:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     # Trainers call model.dit(...) and model.encode_prompts(...), not model(...): FSDP2's gather
     # hooks sit on forward(), so the modules whose forward runs are the ones sharded.
     for block in model.dit.blocks:
-        fully_shard(block)
-    fully_shard(model.dit)
+        fully_shard(block, **kwargs)
+    fully_shard(model.dit, **kwargs)
     # a text encoder inside the module tree (the toy world's, trained with the teacher) is sharded
     # too; a frozen one kept outside it (Wan's UMT5, shared by every bundle) is replicated
     if any(module is model.text_encoder for module in model.children()):
-        fully_shard(model.text_encoder)
+        fully_shard(model.text_encoder, **kwargs)
 
 
 def reshard(model: torch.nn.Module) -> None:

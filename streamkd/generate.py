@@ -69,7 +69,7 @@ def generate_frames(
         raise ValueError("observed frames need streaming: a causal checkpoint (or --causal)")
     if causal is None:
         latents = sample_clip(model, sampler, [prompt], first, actions_T[None], num_frames, gen, sampling.guidance_scale)
-        yield model.codec.decode(latents)[0].numpy()
+        yield model.codec.decode(latents)[0].cpu().numpy()
         return
     stream = StreamGenerator(model, sampler, causal=causal, guidance_scale=sampling.guidance_scale)
     stream.reset([prompt], first, gen)
@@ -92,7 +92,7 @@ def generate_frames(
         frames = stream.decode(stream.next_chunk(chunk_actions[None]))[0]
         take = min(F, num_frames - done)
         # the first decoded chunk holds 1 + tf (F - 1) frames, later ones tf F
-        yield frames[: (1 + tf * (take - 1)) if done == 0 else tf * take].numpy()
+        yield frames[: (1 + tf * (take - 1)) if done == 0 else tf * take].cpu().numpy()
         done += take
 
 

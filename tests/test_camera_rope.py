@@ -17,7 +17,7 @@ SHIFTS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))  # none up down left right, 
 
 def test_offset_table_is_the_plain_table_at_shifted_positions() -> None:
     rope = Rope3D(head_dim=24, max_len=64)
-    frames = torch.tensor([0, 1, 2])
+    frames = [0, 1, 2]
     camera = torch.tensor([[[0, 0], [0, 1], [-2, 3]]])  # (B=1, F=3, 2)
     cos, sin = rope.table(frames, 4, 5, camera)
     big_cos, big_sin = rope.table(frames, 12, 12)  # plain, positions 0..11 on each axis
@@ -39,7 +39,7 @@ def test_module_casts_keep_the_camera_frequencies_exact() -> None:
     """``.to(bf16)`` must not round the float64 camera frequencies (nor the angle tables)."""
     rope, cast = Rope3D(head_dim=24, max_len=64), Rope3D(head_dim=24, max_len=64).to(torch.bfloat16)
     assert cast.inv_freq_h.dtype == cast.inv_freq_w.dtype == torch.float64
-    frames, camera = torch.tensor([0, 5]), torch.tensor([[[3, -7], [1000, 2]]])
+    frames, camera = [0, 5], torch.tensor([[[3, -7], [1000, 2]]])
     for a, b in zip(rope.table(frames, 4, 5, camera), cast.table(frames, 4, 5, camera)):
         assert torch.equal(a, b)
 
@@ -50,8 +50,8 @@ def test_static_point_scores_like_the_same_position() -> None:
     rope = Rope3D(head_dim=12, max_len=16)
     gen = torch.Generator().manual_seed(0)
     q0, k0 = torch.randn(1, 1, 1, 12, generator=gen), torch.randn(1, 1, 1, 12, generator=gen)
-    moved = rope.table(torch.tensor([0, 0]), 3, 3, torch.tensor([[[0, 0], [0, 1]]]))
-    still = rope.table(torch.tensor([0, 0]), 3, 3, torch.tensor([[[0, 0], [0, 0]]]))
+    moved = rope.table([0, 0], 3, 3, torch.tensor([[[0, 0], [0, 1]]]))
+    still = rope.table([0, 0], 3, 3, torch.tensor([[[0, 0], [0, 0]]]))
 
     def score(tables, q_tok, k_tok):
         cos, sin = tables
@@ -68,10 +68,10 @@ def test_null_and_missing_actions_do_not_move_the_camera() -> None:
     dit = DiT(DiTConfig(in_channels=4, out_channels=4, num_layers=1, num_heads=2, head_dim=12, ffn_dim=16,
                         text_dim=8, num_actions=5, action_shifts=SHIFTS))
     null = torch.full((2, 4), dit.null_action)
-    assert dit.camera_offsets(null, 2, 4, None, torch.device("cpu")).abs().sum() == 0
-    assert dit.camera_offsets(None, 2, 4, None, torch.device("cpu")).abs().sum() == 0
+    assert dit.camera_offsets(null, 2, 4).abs().sum() == 0
+    assert dit.camera_offsets(None, 2, 4).abs().sum() == 0
     right_then_up = torch.tensor([[0, 4, 4, 1]])
-    assert dit.camera_offsets(right_then_up, 1, 4, None, torch.device("cpu"))[0].tolist() == [[0, 0], [0, 1], [0, 2], [-1, 2]]
+    assert dit.camera_offsets(right_then_up, 1, 4)[0].tolist() == [[0, 0], [0, 1], [0, 2], [-1, 2]]
 
 
 def test_cache_carries_the_camera_across_chunks_and_snapshots() -> None:
@@ -129,17 +129,17 @@ def test_anchor_warp_reproduces_the_ground_truth_view() -> None:
     t = torch.full((1, 12), 500.0)
     t[:, 0] = 0
     a = torch.tensor([actions])
-    cond = dit._anchor_condition(z, t, a, dit.camera_offsets(a, 1, 12, None, z.device), None, False)
+    cond = dit._anchor_condition(z, t, a, dit.camera_offsets(a, 1, 12), None, False)
     warped, mask = cond[:, :24], cond[:, 24:]
     known = mask.mean(dim=(0, 1, 3, 4))
     assert known[0] == 1 and known[1] == 0.875 and 0 < known.min() < 1  # one token column per move
     torch.testing.assert_close(warped * mask, z * mask, atol=1e-5, rtol=0)
     # unknown camera (null actions: CFG's unconditional rows) and no given first frame: no anchor
     null = torch.full_like(a, dit.null_action)
-    cond = dit._anchor_condition(z, t, null, dit.camera_offsets(null, 1, 12, None, z.device), None, False)
+    cond = dit._anchor_condition(z, t, null, dit.camera_offsets(null, 1, 12), None, False)
     assert cond[:, 24, 0].all() and not cond[:, 24, 1:].any()
     t[:, 0] = 500.0
-    assert not dit._anchor_condition(z, t, a, dit.camera_offsets(a, 1, 12, None, z.device), None, False)[:, 24].any()
+    assert not dit._anchor_condition(z, t, a, dit.camera_offsets(a, 1, 12), None, False)[:, 24].any()
 
 
 def test_anchor_override_gives_a_late_window_the_streams_first_frame() -> None:
@@ -154,17 +154,17 @@ def test_anchor_override_gives_a_late_window_the_streams_first_frame() -> None:
     a[:, 0] = 0
     t = torch.full((2, T), 500.0)
     t[:, 0] = 0
-    camera = dit.camera_offsets(a, 2, T, None, z.device)
+    camera = dit.camera_offsets(a, 2, T)
     full = dit._anchor_condition(z, t, a, camera, None, False)
     anchor = (z[:, :, 0], camera[:, 0] - camera[:, ws - 1])
     wa = a[:, ws:]
-    window = dit._anchor_condition(z[:, :, ws:], t[:, ws:], wa, dit.camera_offsets(wa, 2, T - ws, None, z.device), None, False, anchor)
+    window = dit._anchor_condition(z[:, :, ws:], t[:, ws:], wa, dit.camera_offsets(wa, 2, T - ws), None, False, anchor)
     assert full[:, 24, ws:].any()  # the walk stays near enough that some of the first frame is in view
     torch.testing.assert_close(window, full[:, :, ws:], atol=0, rtol=0)
     # without the override the window's own frame 0 would be the anchor: a different condition
     t_w = t[:, ws:].clone()
     t_w[:, 0] = 0
-    own = dit._anchor_condition(z[:, :, ws:], t_w, wa, dit.camera_offsets(wa, 2, T - ws, None, z.device), None, False)
+    own = dit._anchor_condition(z[:, :, ws:], t_w, wa, dit.camera_offsets(wa, 2, T - ws), None, False)
     assert not torch.equal(own, full[:, :, ws:])
     # through forward; and refused where a cache keeps its own anchor
     out = dit(z[:, :, ws:], t[:, ws:], torch.zeros(2, 4, 8), wa, anchor=anchor)

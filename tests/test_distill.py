@@ -157,8 +157,8 @@ def test_long_rollout_teacher_sees_the_streams_first_frame(anchor_teacher_dir: P
     z = trainer.teacher.codec.encode(batch["frames"])
     t = torch.full(a.shape, 500.0)
     t[:, 0] = 0
-    full = dit._anchor_condition(z, t, a, dit.camera_offsets(a, 2, 8, None, z.device), None, False)
-    window = dit._anchor_condition(z[:, :, 4:], t[:, 4:], a[:, 4:], dit.camera_offsets(a[:, 4:], 2, 4, None, z.device), None, False,
+    full = dit._anchor_condition(z, t, a, dit.camera_offsets(a, 2, 8), None, False)
+    window = dit._anchor_condition(z[:, :, 4:], t[:, 4:], a[:, 4:], dit.camera_offsets(a[:, 4:], 2, 4), None, False,
                                    anchor)
     torch.testing.assert_close(window, full[:, :, 4:], atol=1e-6, rtol=0)
     # window_anchor = window, or a rollout of one horizon: the teacher keeps its own frame 0

@@ -46,6 +46,7 @@ from streamkd.checkpoint import (
 )
 from streamkd.config import from_dict, to_dict
 from streamkd.bundle import ModelBundle, load_model
+from streamkd.runtime import RuntimeConfig, place, prepare
 from streamkd.models.wan_model import WanOptions
 from streamkd.data.prompts import collate, condition_source
 from streamkd.distill.losses import critic_loss, dmd_loss, ode_regression_loss, sample_levels
@@ -161,6 +162,9 @@ class DistillConfig:
     """torch intra-op threads; 0 keeps torch's default."""
     parallel: str = "fsdp2"
     """Engine under torchrun (more than one process): fsdp2."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Device, precision (bf16 with fp32 master weights), activation checkpointing, compile
+    (``streamkd.runtime``)."""
 
     def __post_init__(self) -> None:
         FewStepSampler(self.sigmas)  # validates
@@ -228,7 +232,7 @@ def prune_blocks(state: dict[str, torch.Tensor], keep: list[int], num_layers: in
     return out
 
 
-RESUMABLE_CHANGES = ("max_steps", "log_every", "ckpt_every", "tensorboard", "threads", "parallel")
+RESUMABLE_CHANGES = ("max_steps", "log_every", "ckpt_every", "tensorboard", "threads", "parallel", "runtime")
 """Config fields a resumed run may change."""
 
 
@@ -266,10 +270,18 @@ class DistillTrainer:
             self.teacher.use_prompt_cache(cfg.prompt_cache, PromptDataset(cfg.prompts).prompts if cfg.prompts else ())
         self.ema = copy.deepcopy(self.student).requires_grad_(False)
         self.critic = copy.deepcopy(self.teacher).requires_grad_(True).train() if cfg.method == "dmd" else None
-        if self.dist.enabled:  # from outside the model code, before the optimizers exist
-            for model in (self.student, self.ema, self.critic, self.teacher):
+        # devices, precision, checkpointing, compile, then FSDP2 -- from outside the model code,
+        # before the optimizers exist; the EMA stays fp32 (its small steps would vanish in bf16)
+        self.device = cfg.runtime.torch_device()
+        prepare(self.teacher, cfg.runtime, trainable=False)
+        prepare(self.student, cfg.runtime, trainable=True)
+        place(self.ema, self.device)
+        if self.critic is not None:
+            prepare(self.critic, cfg.runtime, trainable=True)
+        if self.dist.enabled:
+            for model, trainable in ((self.student, True), (self.ema, False), (self.critic, True), (self.teacher, False)):
                 if model is not None:
-                    distributed.parallelize(model, cfg.parallel)
+                    distributed.parallelize(model, cfg.parallel, cfg.runtime.dtype if trainable else None)
         trainable = [p for p in self.student.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
         if cfg.method == "dmd":
@@ -341,7 +353,9 @@ class DistillTrainer:
                                    context, actions, self.gen, (B, self.rows), self.pairs.first_given)
 
     def _ode_step(self) -> dict[str, float]:
-        value = self._apply(self._ode_loss(), self.student, self.opt, "ode")
+        with self.cfg.runtime.autocast():
+            loss = self._ode_loss()
+        value = self._apply(loss, self.student, self.opt, "ode")
         update_ema(self.ema, self.student, self.cfg.ema_decay)
         return {"ode_loss": value}
 
@@ -378,7 +392,8 @@ class DistillTrainer:
         first_given = batch["frames"] is not None  # image-to-video: frame 0 given, held clean
         B = len(batch["prompt"])
         train_student = self.step % cfg.critic_ratio == 0
-        x0 = self.rollout(batch, with_grad=train_student)
+        with cfg.runtime.autocast():
+            x0 = self.rollout(batch, with_grad=train_student)
         num_f = x0.shape[2]
         window_actions = acts = None if batch["actions"] is None else batch["actions"][:, -num_f:]
         anchor = self._stream_anchor(batch, self.rollout_frames - num_f)
@@ -388,21 +403,23 @@ class DistillTrainer:
         stats: dict[str, float] = {}
         if train_student:
             s_BF, noise = self._levels_and_noise(x0.shape, num_f, first_given)
-            loss_g, extra = dmd_loss(x0, self.teacher, self.critic, ctx, acts, s_BF, noise, cfg.teacher_guidance, anchor)
-            if cfg.ode_weight > 0:  # then "dmd_loss" is the student's whole objective, "dmd_term" its DMD part
-                loss_ode = self._ode_loss()
-                extra["dmd_term"], extra["ode_loss"] = self.dist.mean(loss_g), self.dist.mean(loss_ode)
-                loss_g = loss_g + cfg.ode_weight * loss_ode
-            if cfg.memory_weight > 0:
-                loss_mem = self._memory_loss()
-                extra["memory_loss"] = self.dist.mean(loss_mem)
-                loss_g = loss_g + cfg.memory_weight * loss_mem
+            with cfg.runtime.autocast():
+                loss_g, extra = dmd_loss(x0, self.teacher, self.critic, ctx, acts, s_BF, noise, cfg.teacher_guidance, anchor)
+                if cfg.ode_weight > 0:  # then "dmd_loss" is the student's whole objective, "dmd_term" its DMD part
+                    loss_ode = self._ode_loss()
+                    extra["dmd_term"], extra["ode_loss"] = self.dist.mean(loss_g), self.dist.mean(loss_ode)
+                    loss_g = loss_g + cfg.ode_weight * loss_ode
+                if cfg.memory_weight > 0:
+                    loss_mem = self._memory_loss()
+                    extra["memory_loss"] = self.dist.mean(loss_mem)
+                    loss_g = loss_g + cfg.memory_weight * loss_mem
             stats["dmd_loss"] = self._apply(loss_g, self.student, self.opt, "dmd")
             update_ema(self.ema, self.student, self.cfg.ema_decay)
-            stats.update(extra)
+            stats.update({k: float(v) for k, v in extra.items()})
         s_BF, noise = self._levels_and_noise(x0.shape, num_f, first_given)
-        critic_ctx = self.critic.encode_prompts(batch["prompt"])
-        loss_c = critic_loss(self.critic, x0.detach(), critic_ctx, window_actions, s_BF, noise, anchor)
+        with cfg.runtime.autocast():
+            critic_ctx = self.critic.encode_prompts(batch["prompt"])
+            loss_c = critic_loss(self.critic, x0.detach(), critic_ctx, window_actions, s_BF, noise, anchor)
         stats["critic_loss"] = self._apply(loss_c, self.critic, self.critic_opt, "critic")
         return stats
 
@@ -475,7 +492,7 @@ class DistillTrainer:
         with torch.no_grad():
             latent_BC1hw = self.teacher.codec.encode(batch["frames"][:, :1])
         actions = batch["actions"]
-        camera_BT2 = self.teacher.dit.camera_offsets(actions, actions.shape[0], actions.shape[1], None, actions.device)
+        camera_BT2 = self.teacher.dit.camera_offsets(actions, actions.shape[0], actions.shape[1])
         # window frame j sits at camera[ws + j] - camera[ws - 1]; the first frame at camera[0] - camera[ws - 1]
         return latent_BC1hw[:, :, 0].float(), camera_BT2[:, 0] - camera_BT2[:, window_start - 1]
 
@@ -484,7 +501,8 @@ class DistillTrainer:
         size = self.cfg.batch_size
         s_BF = sample_levels(size, num_f, self.gen, self.cfg.dmd_shift, self.cfg.dmd_s_min, self.cfg.dmd_s_max, first_given)
         noise = torch.randn((size, *shape[1:]), generator=self.gen)
-        return s_BF[self.rows], noise[self.rows]
+        # drawn on the host generator (every rank consumes it alike), used on the device
+        return s_BF[self.rows].to(self.device), noise[self.rows].to(self.device)
 
     def _apply(self, loss: torch.Tensor, model: ModelBundle, opt: torch.optim.Optimizer, term: str) -> float:
         """One optimizer step on ``loss`` (this rank's share); returns the global-batch loss."""

@@ -131,8 +131,8 @@ class KVCache:
         # offset in tokens, and the offset of the last written frame, from which the next chunk
         # continues. Kept on the device: they come from action tensors, and reading them back
         # would synchronise every chunk.
-        self.camera_BS2 = torch.zeros(batch_size, num_slots, 2, dtype=torch.long, device=device)
-        self.camera_last_B2 = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
+        self.camera_BS2 = torch.zeros(batch_size, num_slots, 2, dtype=torch.long)  # host, like camera_last_B2
+        self.camera_last_B2 = torch.zeros(batch_size, 2, dtype=torch.long)  # host: camera offsets are host data
         # anchor-warp models: the stream's first frame (latent) and camera, kept like sink frame 0
         self.anchor_BCHW: torch.Tensor | None = None
         self.anchor_camera_B2 = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
@@ -191,7 +191,7 @@ class KVCache:
         tables = self.derived.get("rope")
         if tables is None:
             device = self.k_NBSHD.device
-            c_pos = torch.tensor(self.slot_positions(), dtype=torch.long, device=device)
+            c_pos = self.slot_positions()
             c_cam = self.camera_BS2[:, : self.num_filled] if camera_BF2 is not None else None
             if self.num_filled:
                 tables = rope.table(c_pos, gh, gw, c_cam)

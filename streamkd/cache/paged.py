@@ -190,7 +190,7 @@ class PagedKVCache:
         self.pool = pool or PagePool(num_layers, self.tokens_per_frame, num_heads, head_dim, dtype, device,
                                      batch_size * per_row)
         self._rows = [self._new_row() for _ in range(batch_size)]
-        self.camera_last_B2 = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
+        self.camera_last_B2 = torch.zeros(batch_size, 2, dtype=torch.long)  # host: camera offsets are host data
         self.anchor_BCHW: torch.Tensor | None = None
         self.anchor_camera_B2 = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
         self.anchor_valid_B = torch.zeros(batch_size, dtype=torch.bool, device=device)
@@ -293,6 +293,8 @@ class PagedKVCache:
         for b, row in enumerate(pieces):
             t, r, c = piece_positions([(p[2], p[3], p[4]) for p in row], (gh, gw), self.memory.pool, camera_BF2 is not None)
             t_BS[b, : len(t)], r_BS[b, : len(t)], c_BS[b, : len(t)] = t, r, c
+        if t_BS.size:
+            rope.check_positions(int(t_BS.max()))
         dev = self.device
         tables = rope.token_table(torch.from_numpy(t_BS).to(dev), torch.from_numpy(r_BS).to(dev),
                                   torch.from_numpy(c_BS).to(dev))

@@ -54,17 +54,19 @@ def ode_regression_loss(
     num_chunks = -(-num_f // layout.chunk_frames)
     size, rows = global_batch or (B, slice(None))
     level_BC = torch.randint(0, K1 - 1, (size, num_chunks), generator=gen)[rows]
-    level_BF = level_BC.repeat_interleave(layout.chunk_frames, 1)[:, :num_f]
-    x_in = torch.stack([x_levels[b, level_BF[b], :, torch.arange(num_f)] for b in range(B)])  # (B, F, C, h, w)
+    dev = x_levels.device  # levels are drawn on the host generator (every rank alike), used on the device
+    level_BF = level_BC.repeat_interleave(layout.chunk_frames, 1)[:, :num_f].to(dev)
+    frames_F = torch.arange(num_f, device=dev)
+    x_in = torch.stack([x_levels[b, level_BF[b], :, frames_F] for b in range(B)])  # (B, F, C, h, w)
     x_in = x_in.permute(0, 2, 1, 3, 4)
-    s_BF = torch.tensor(sigmas, dtype=torch.float32)[level_BF]
+    s_BF = torch.tensor(sigmas, dtype=torch.float32, device=dev)[level_BF]
     x0 = x_levels[:, -1]
-    weight_BF = torch.ones(B, num_f)
+    weight_BF = torch.ones(B, num_f, device=dev)
     if first_given:
         s_BF[:, 0] = 0.0
         x_in[:, :, 0] = x0[:, :, 0]
         weight_BF[:, 0] = 0.0
-    v = student.dit(x_in, 1000.0 * s_BF.to(x_in.device), context, actions, layout=layout)
+    v = student.dit(x_in, 1000.0 * s_BF, context, actions, layout=layout)
     return weighted_mse(x_in - _bcast(s_BF) * v, x0, weight_BF)
 
 
@@ -87,8 +89,9 @@ def _frame_weights(s_BF: torch.Tensor) -> torch.Tensor:
 def dmd_loss(
     x0_student: torch.Tensor, teacher: ModelBundle, critic: ModelBundle, context_2B: torch.Tensor, actions_2B: torch.Tensor | None,
     s_BF: torch.Tensor, noise: torch.Tensor, teacher_guidance: float, anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """DMD generator loss on a batch of student clips (gradient flows into ``x0_student`` only).
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DMD generator loss on a batch of student clips (gradient flows into ``x0_student`` only);
+    its statistics stay tensors (the trainer reads them once per step, with the loss).
 
     ``context_2B`` / ``actions_2B``: conditional rows then unconditional rows (empty prompt, null
     actions) for the teacher's CFG; the critic uses the conditional half. ``anchor``: the stream's
@@ -111,7 +114,7 @@ def dmd_loss(
         norm = (x - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
         grad = (x0_fake - x0_real) / norm
         target = x - grad
-    return 0.5 * weighted_mse(x0_student, target, _frame_weights(s_BF)), {"dmd_grad_norm": float(grad.pow(2).mean().sqrt())}
+    return 0.5 * weighted_mse(x0_student, target, _frame_weights(s_BF)), {"dmd_grad_norm": grad.pow(2).mean().sqrt()}
 
 
 def critic_loss(

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from streamkd.checkpoint import atomic_save_safetensors, load_safetensors
 from streamkd.config import to_dict
+from streamkd.runtime import RuntimeConfig, prepare
 from streamkd.bundle import ModelBundle, load_model
 from streamkd.models.wan_model import WanOptions
 from streamkd.data.prompts import collate, condition_source
@@ -69,6 +70,8 @@ class ODEPairsConfig:
     """Teacher CFG scale (uncond + s (cond - uncond))."""
     keep_sigmas: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
     """Noise levels to keep (the student's few-step levels); each must lie on the Euler grid."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Device and precision of the teacher (``streamkd.runtime``; bf16 stores its weights in bf16)."""
 
     def __post_init__(self) -> None:
         if self.num_clips < 1 or self.shard_clips < 1:
@@ -136,7 +139,7 @@ def generate_ode_pairs(cfg: ODEPairsConfig, progress: bool = True) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    teacher = load_model(cfg.teacher, wan=cfg.wan if cfg.wan.given() else None)
+    teacher = prepare(load_model(cfg.teacher, wan=cfg.wan if cfg.wan.given() else None), cfg.runtime, trainable=False)
     data = condition_source(teacher, cfg.prompts, teacher.horizon_frames, cfg.base_seed)
     if cfg.prompt_cache is not None:
         teacher.use_prompt_cache(cfg.prompt_cache, getattr(data, "prompts", ()))

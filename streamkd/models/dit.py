@@ -347,8 +347,9 @@ class DiT(nn.Module):
             nn.init.zeros_(self.action_embed.weight)
         if cfg.action_shifts is not None:
             # the null action (dropped for CFG) does not move the camera: positions are not anchored
-            shifts = torch.tensor([*cfg.action_shifts, (0, 0)], dtype=torch.long)
-            self.register_buffer("action_shifts", shifts, persistent=False)
+            # a host tensor, not a buffer: camera offsets are host data (memory retrieval and the
+            # cache's positions read them on the host), so they never need a device round-trip
+            self.action_shifts = torch.tensor([*cfg.action_shifts, (0, 0)], dtype=torch.long)
         else:
             self.action_shifts = None
         # 3. blocks
@@ -399,7 +400,7 @@ class DiT(nn.Module):
         T = gh * gw
         rope = self.rope.table
         if cache is not None:
-            q_pos = torch.arange(cache.query_position, cache.query_position + num_frames, device=device)
+            q_pos = range(cache.query_position, cache.query_position + num_frames)
             cos, sin = rope(q_pos, gh, gw, camera_BF2)
             plan = _SelfAttnPlan("cached", cos, sin, cache=cache, write_cache=write_cache)
             # the cache decides what the chunk reads (sinks, window and, on a paged cache, memory)
@@ -410,7 +411,7 @@ class DiT(nn.Module):
         if layout is not None and layout.memory is not None and layout.memory.enabled:
             return self._memory_plan(num_frames, gh, gw, layout, device, camera_BF2)
         if layout is None or not layout.evicts_within(num_frames):
-            cos, sin = rope(torch.arange(num_frames, device=device), gh, gw, camera_BF2)
+            cos, sin = rope(range(num_frames), gh, gw, camera_BF2)
             mask = None if layout is None else block_causal_mask(num_frames, T, layout, device)
             return _SelfAttnPlan("full", cos, sin, mask=mask)
         chunks = []
@@ -423,8 +424,8 @@ class DiT(nn.Module):
             q_cam = k_cam = None
             if camera_BF2 is not None:
                 q_cam, k_cam = camera_BF2[:, q0:q1], camera_BF2[:, frames]
-            q_cos, q_sin = rope(torch.arange(q_first, q_first + q1 - q0, device=device), gh, gw, q_cam)
-            k_cos, k_sin = rope(torch.tensor(positions, device=device), gh, gw, k_cam)
+            q_cos, q_sin = rope(range(q_first, q_first + q1 - q0), gh, gw, q_cam)
+            k_cos, k_sin = rope(positions, gh, gw, k_cam)
             chunks.append((slice(q0 * T, q1 * T), k_index, q_cos, q_sin, k_cos, k_sin))
         return _SelfAttnPlan("chunked", chunks=chunks)
 
@@ -446,9 +447,11 @@ class DiT(nn.Module):
             for b in range(B):
                 pieces, q_first = per_row[b][c]
                 q_cam = None if camera_BF2 is None else camera_BF2[b : b + 1, q0:q1]
-                q_cos, q_sin = self.rope.table(torch.arange(q_first, q_first + q1 - q0, device=device), gh, gw, q_cam)
-                t_S, r_S, c_S = (torch.from_numpy(a).to(device)[None] for a in piece_positions(
-                    [piece[1:] for piece in pieces], (gh, gw), memory.pool, camera_BF2 is not None))
+                q_cos, q_sin = self.rope.table(range(q_first, q_first + q1 - q0), gh, gw, q_cam)
+                positions = piece_positions([piece[1:] for piece in pieces], (gh, gw), memory.pool, camera_BF2 is not None)
+                if len(positions[0]):
+                    self.rope.check_positions(int(positions[0].max()))
+                t_S, r_S, c_S = (torch.from_numpy(a).to(device)[None] for a in positions)
                 k_cos, k_sin = self.rope.token_table(t_S, r_S, c_S)
                 rows.append((pieces, q_cos, q_sin, k_cos, k_sin))
             chunks.append((slice(q0 * T, q1 * T), rows))
@@ -477,16 +480,16 @@ class DiT(nn.Module):
         dev = x_BCFHW.device
         streaming_on = cache is not None and cache.frames_written > 0
         if anchor is not None:
-            anchor_BCHW, anchor_cam_B2 = anchor
+            anchor_BCHW, anchor_cam_B2 = anchor[0], anchor[1].to(dev)
             has_B = torch.ones(B, dtype=torch.bool, device=dev)
         elif streaming_on:
             anchor_BCHW, anchor_cam_B2, has_B = cache.anchor_BCHW, cache.anchor_camera_B2, cache.anchor_valid_B
         else:
-            anchor_BCHW, anchor_cam_B2, has_B = x_BCFHW[:, :, 0], camera_BF2[:, 0], t_BF[:, 0] == 0
+            anchor_BCHW, anchor_cam_B2, has_B = x_BCFHW[:, :, 0], camera_BF2[:, 0].to(dev), t_BF[:, 0] == 0
             if write_cache:
                 cache.write_anchor(anchor_BCHW.detach(), anchor_cam_B2, has_B)
         _, ph, pw = self.cfg.patch_size
-        d_BF2 = (camera_BF2 - anchor_cam_B2[:, None]) * torch.tensor([ph, pw], device=dev)
+        d_BF2 = (camera_BF2.to(dev) - anchor_cam_B2[:, None]) * torch.tensor([ph, pw], device=dev)
         rows_BFH = torch.arange(H, device=dev) + d_BF2[..., :1]  # anchor row seen at each frame row
         cols_BFW = torch.arange(W, device=dev) + d_BF2[..., 1:]
         known_BF = has_B[:, None].expand(B, num_f)
@@ -514,17 +517,18 @@ class DiT(nn.Module):
         return cond_BFHWC.permute(0, 4, 1, 2, 3)
 
     def camera_offsets(
-        self, actions_BF: torch.Tensor | None, batch: int, num_frames: int, cache: KVCache | None, device: torch.device
+        self, actions_BF: torch.Tensor | None, batch: int, num_frames: int, cache: KVCache | None = None
     ) -> torch.Tensor | None:
-        """Cumulative camera translation (rows, cols) in tokens of each frame, or None when the
-        model has no camera-anchored RoPE. Continues from the last frame written into ``cache``.
-        Only differences between frames matter, so the start of the stream is the origin."""
+        """Cumulative camera translation (rows, cols) in tokens of each frame, as a host tensor, or
+        None when the model has no camera-anchored RoPE. Continues from the last frame written into
+        ``cache``. Only differences between frames matter, so the start of the stream is the origin.
+        Actions are user input and live on the host; given on a device they are copied back (a sync)."""
         if self.action_shifts is None:
             return None
         if actions_BF is None:
-            step_BF2 = torch.zeros(batch, num_frames, 2, dtype=torch.long, device=device)
+            step_BF2 = torch.zeros(batch, num_frames, 2, dtype=torch.long, device="cpu")
         else:
-            step_BF2 = self.action_shifts[actions_BF]
+            step_BF2 = self.action_shifts[actions_BF.cpu()]
         camera_BF2 = step_BF2.cumsum(1)
         if cache is not None:
             camera_BF2 = camera_BF2 + cache.camera_last_B2[:, None]
@@ -581,7 +585,9 @@ class DiT(nn.Module):
         if t_BF.shape != (B, gf):
             raise ValueError(f"timesteps must be (B,) or (B, frames) = ({B}, {gf}), got {tuple(t_BF.shape)}")
 
-        camera_BF2 = self.camera_offsets(actions_BF, B, gf, cache, x_BCFHW.device)
+        camera_BF2 = self.camera_offsets(actions_BF, B, gf, cache)
+        if actions_BF is not None:  # host actions (the camera's input) go to the device for their embedding
+            actions_BF = actions_BF.to(x_BCFHW.device, non_blocking=True)
         # 1. patch embedding (of the latents and, with anchor_warp, the shifted first frame + mask)
         x_in = x_BCFHW
         if cfg.anchor_warp:
@@ -617,6 +623,9 @@ class DiT(nn.Module):
         x_BLE = self.proj_out(_modulate(x_BLE, shift, scale, cfg.eps))
         out = x_BLE.reshape(B, gf, gh, gw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         out = out.reshape(B, out.shape[1], gf * pt, gh * ph, gw * pw)
-        # A fresh tensor, never a view: FSDP2 hangs its pre-backward hook on the module's output,
-        # and an in-place op by a caller on a view would bypass it (torch warns on every forward).
+        # A fresh tensor, never a view: FSDP2 hangs the hook that all-gathers this module's
+        # parameters before its backward on the output tensor, and an in-place op by a caller on a
+        # view rebuilds the view's autograd node without it -- backward then reads resharded
+        # (freed) parameters. FSDP2 warns "returned a view tensor" on every such forward. The
+        # reshape above copies for most patch sizes; for some ((1, 1, 1), (1, 1, 2)) it is a view.
         return out.clone() if out._is_view() else out

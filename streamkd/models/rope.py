@@ -19,6 +19,8 @@ rad for any offset a stream can reach, and only differences between frames ever 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -53,19 +55,33 @@ class Rope3D(nn.Module):
         self.cos, self.sin, self.inv_freq_h, self.inv_freq_w = (t.to(dev) for t in exact)
         return self
 
+    def check_positions(self, largest: int) -> None:
+        """Refuse a temporal position the tables do not cover (checked on the host: positions are
+        host integers, so no device sync is needed to validate them)."""
+        if largest >= self.max_len:
+            raise ValueError(f"RoPE position {largest} beyond max_len={self.max_len}; raise rope_max_seq_len")
+
     def table(
-        self, frame_pos: torch.Tensor, grid_h: int, grid_w: int, camera_BF2: torch.Tensor | None = None
+        self, positions: Sequence[int], grid_h: int, grid_w: int, camera_BF2: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of shape ``(len(frame_pos) * grid_h * grid_w, D/2)`` for tokens ordered
-        (frame, row, column) -- the order patch embedding flattens them in.
+        """cos/sin of shape ``(len(positions) * grid_h * grid_w, D/2)`` for tokens ordered
+        (frame, row, column) -- the order patch embedding flattens them in. ``positions`` are the
+        frames' temporal positions as host integers (a ``range`` is built on the device directly).
 
         With ``camera_BF2`` (integer (rows, cols) offset of each frame of each stream) the tables
         are per stream, ``(B, F * grid_h * grid_w, D/2)``, spatial positions shifted by the offsets.
         """
-        if int(frame_pos.max()) >= self.max_len or max(grid_h, grid_w) > self.max_len:
-            raise ValueError(f"RoPE position beyond max_len={self.max_len}; raise rope_max_seq_len")
+        num_f = len(positions)
+        if num_f:
+            self.check_positions(max(positions))
+        if max(grid_h, grid_w) > self.max_len:
+            raise ValueError(f"RoPE grid {grid_h}x{grid_w} beyond max_len={self.max_len}; raise rope_max_seq_len")
+        dev = self.cos.device
+        if isinstance(positions, range):
+            frame_pos = torch.arange(positions.start, positions.stop, positions.step, device=dev)
+        else:
+            frame_pos = torch.tensor(list(positions), dtype=torch.long, device=dev)
         ft, fh, fw = self.half_dims
-        num_f = frame_pos.shape[0]
         if camera_BF2 is not None:
             return self._camera_table(frame_pos, grid_h, grid_w, camera_BF2)
         out = []
@@ -83,12 +99,12 @@ class Rope3D(nn.Module):
         ft, fh, fw = self.half_dims
         B, num_f = camera_BF2.shape[:2]
         assert num_f == frame_pos.shape[0], "one camera offset per frame"
-        dev = camera_BF2.device
-        cam = camera_BF2.to(torch.float64)
+        dev = self.cos.device
+        cam = camera_BF2.to(dev, torch.float64)  # host camera offsets -> the tables' device
         rows_BFh = cam[..., 0:1] + torch.arange(grid_h, dtype=torch.float64, device=dev)  # (B, F, gh)
         cols_BFw = cam[..., 1:2] + torch.arange(grid_w, dtype=torch.float64, device=dev)  # (B, F, gw)
-        ang_h = rows_BFh[..., None] * self.inv_freq_h.to(dev)  # (B, F, gh, fh); no-op once moved with the module
-        ang_w = cols_BFw[..., None] * self.inv_freq_w.to(dev)  # (B, F, gw, fw)
+        ang_h = rows_BFh[..., None] * self.inv_freq_h  # (B, F, gh, fh)
+        ang_w = cols_BFw[..., None] * self.inv_freq_w  # (B, F, gw, fw)
         out = []
         for fn, full in ((torch.cos, self.cos), (torch.sin, self.sin)):
             t_BFHWd = full[frame_pos, :ft].view(1, num_f, 1, 1, ft).expand(B, num_f, grid_h, grid_w, ft)
@@ -102,9 +118,8 @@ class Rope3D(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin ``(B, S, D/2)`` of tokens at explicit positions: integer temporal positions,
         float64 spatial ones (camera offsets included; pooled memory tokens sit at the centres of
-        their cells). For integer rows/cols this equals ``table`` bit for bit."""
-        if t_BS.numel() and int(t_BS.max()) >= self.max_len:
-            raise ValueError(f"RoPE position beyond max_len={self.max_len}; raise rope_max_seq_len")
+        their cells). For integer rows/cols this equals ``table`` bit for bit. The caller checks
+        the temporal positions on the host (``check_positions``) before moving them here."""
         ft = self.half_dims[0]
         dev = rows_BS.device
         ang_h = rows_BS.to(torch.float64)[..., None] * self.inv_freq_h.to(dev)

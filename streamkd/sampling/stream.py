@@ -135,7 +135,7 @@ class StreamGenerator:
     def _actions(self, actions_BF: torch.Tensor | None) -> torch.Tensor | None:
         if actions_BF is None or self.model.dit.action_embed is None:
             return None
-        a = actions_BF.to(self.device)
+        a = actions_BF  # host data: the DiT reads camera offsets from them there and copies them to its device
         if self.rows > self.batch_size:
             a = torch.cat([a, torch.full_like(a, self.model.dit.null_action)])
         return a
