@@ -76,17 +76,29 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def checkpoint_staging(run_dir: str | Path, step: int) -> Path:
+    """The folder checkpoint ``step`` is assembled in before it is renamed into place, for files
+    that every rank writes (a DeepSpeed engine's partitions): the same path on every rank."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:07d}.tmp-staged"
+
+
 def save_training_checkpoint(
-    run_dir: str | Path, step: int, files: dict[str, dict[str, torch.Tensor]], state: dict[str, Any], keep: int = 3
+    run_dir: str | Path, step: int, files: dict[str, dict[str, torch.Tensor]], state: dict[str, Any], keep: int = 3,
+    staged: bool = False,
 ) -> Path:
-    """Write ``files`` (name -> tensors) and ``state`` (JSON) as checkpoint ``step``; keep the newest ``keep``."""
+    """Write ``files`` (name -> tensors) and ``state`` (JSON) as checkpoint ``step``; keep the newest ``keep``.
+    ``staged``: other files were already written to ``checkpoint_staging(run_dir, step)``; they are
+    published with these, in the same rename."""
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:07d}"
-    tmp = ckpt_root / f"{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    if staged:
+        tmp = checkpoint_staging(run_dir, step)
+    else:
+        tmp = ckpt_root / f"{final.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
     for name, tensors in files.items():
         atomic_save_safetensors(tensors, tmp / f"{name}.safetensors")
     (tmp / "state.json").write_text(json.dumps(state, indent=2))

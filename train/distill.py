@@ -37,13 +37,7 @@ import torch
 from streamkd import distributed
 from streamkd.attention.layout import CausalLayout
 from streamkd.attention.sparse import BlockSparseConfig
-from streamkd.checkpoint import (
-    latest_checkpoint,
-    load_training_checkpoint,
-    optimizer_from_tensors,
-    optimizer_to_tensors,
-    save_training_checkpoint,
-)
+from streamkd.checkpoint import latest_checkpoint, load_training_checkpoint
 from streamkd.config import from_dict, to_dict
 from streamkd.bundle import ModelBundle, load_model
 from streamkd.runtime import RuntimeConfig, place, prepare
@@ -54,7 +48,8 @@ from streamkd.distill.ode_pairs import ODEPairStore
 from streamkd.bundle import CausalConfig, SamplingConfig
 from streamkd.sampling.schedule import FewStepSampler
 from streamkd.sampling.stream import StreamGenerator
-from streamkd.train.common import RunLog, check_resume_config, restore_rng, rng_tensors, update_ema
+from streamkd.distributed import DeepSpeedOptions
+from streamkd.train.common import RunLog, check_resume_config, load_checkpoint, save_checkpoint, update_ema
 from streamkd.train.teacher import NonFiniteLossError
 
 
@@ -160,8 +155,11 @@ class DistillConfig:
     """TensorBoard scalars."""
     threads: int = 0
     """torch intra-op threads; 0 keeps torch's default."""
-    parallel: str = "fsdp2"
-    """Engine under torchrun (more than one process): fsdp2."""
+    parallel: Literal["fsdp2", "deepspeed"] = "fsdp2"
+    """Engine: fsdp2 (under torchrun; one process runs unsharded) or deepspeed (ZeRO-2/3, launched by
+    ``deepspeed`` or ``torchrun``, or in one process)."""
+    deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
+    """ZeRO stage and an optional DeepSpeed JSON config (``parallel: deepspeed``)."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     """Device, precision (bf16 with fp32 master weights), activation checkpointing, compile
     (``streamkd.runtime``)."""
@@ -241,7 +239,8 @@ class DistillTrainer:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.dist = distributed.init()
+        self.device = cfg.runtime.torch_device()
+        self.dist = distributed.init(self.device, cfg.parallel)
         self.rows = self.dist.rows(cfg.batch_size)
         torch.manual_seed(cfg.seed)
         self.teacher = load_model(cfg.teacher, wan=cfg.wan if cfg.wan.given() else None).requires_grad_(False)
@@ -272,7 +271,6 @@ class DistillTrainer:
         self.critic = copy.deepcopy(self.teacher).requires_grad_(True).train() if cfg.method == "dmd" else None
         # devices, precision, checkpointing, compile, then FSDP2 -- from outside the model code,
         # before the optimizers exist; the EMA stays fp32 (its small steps would vanish in bf16)
-        self.device = cfg.runtime.torch_device()
         prepare(self.teacher, cfg.runtime, trainable=False)
         prepare(self.student, cfg.runtime, trainable=True)
         place(self.ema, self.device)
@@ -282,10 +280,16 @@ class DistillTrainer:
             for model, trainable in ((self.student, True), (self.ema, False), (self.critic, True), (self.teacher, False)):
                 if model is not None:
                     distributed.parallelize(model, cfg.parallel, cfg.runtime.dtype if trainable else None)
+        engine = cfg.parallel if self.dist.enabled or cfg.parallel == "deepspeed" else "local"
+        optimized = dict(weight_decay=0.0, grad_clip=cfg.grad_clip, engine=engine, micro_batch=len(range(cfg.batch_size)[self.rows]),
+                         deepspeed=cfg.deepspeed)
         trainable = [p for p in self.student.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+        self.opt = distributed.Optimized(self.student, [{"params": trainable}], lr=cfg.lr, **optimized)
+        self.trainables = {"model": self.opt}
         if cfg.method == "dmd":
-            self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0)
+            self.critic_opt = distributed.Optimized(self.critic, [{"params": list(self.critic.parameters())}], lr=cfg.critic_lr,
+                                                    **optimized)
+            self.trainables["critic"] = self.critic_opt
             self.rollout_frames = cfg.rollout_frames or self.teacher.horizon_frames
             self.data = condition_source(self.teacher, cfg.prompts, self.rollout_frames, cfg.seed + 100)
             if cfg.memory_weight > 0 and self.teacher.conditions(1, 0) is None:
@@ -309,35 +313,15 @@ class DistillTrainer:
 
     # ----------------------------------------------------------------------------- checkpoints
     def save(self) -> Path | None:
-        """Full (unsharded) state; a collective under FSDP (every rank calls it, rank 0 writes)."""
-        model_sd, opt_sd = distributed.full_state(self.student, self.opt)
-        ema_sd, _ = distributed.full_state(self.ema)
-        critic_sd = critic_opt_sd = None
-        if self.critic is not None:
-            critic_sd, critic_opt_sd = distributed.full_state(self.critic, self.critic_opt)
-        folder = None
-        if self.dist.is_main:
-            opt_t, opt_meta = optimizer_to_tensors(opt_sd)
-            files = {"model": model_sd, "ema": ema_sd, "optim": opt_t, "rng": rng_tensors(self.gen)}
-            state = {"step": self.step, "config": to_dict(self.cfg), "student_config": to_dict(self.student.cfg),
-                     "optimizer": opt_meta}
-            if critic_sd is not None:
-                files["critic"] = critic_sd
-                files["critic_optim"], state["critic_optimizer"] = optimizer_to_tensors(critic_opt_sd)
-            folder = save_training_checkpoint(self.out, self.step, files, state)
-        distributed.barrier(self.dist)
-        return folder
+        """Checkpoint of student, critic, their optimizers, the EMA and the generator (a collective:
+        every rank calls it, rank 0 publishes; ``train.common.save_checkpoint``)."""
+        state = {"step": self.step, "config": to_dict(self.cfg), "student_config": to_dict(self.student.cfg)}
+        return save_checkpoint(self.out, self.step, self.dist, self.trainables, {"ema": self.ema}, self.gen, state)
 
     def resume(self, folder: Path) -> None:
-        names = ["model", "ema", "optim", "rng"] + (["critic", "critic_optim"] if self.critic is not None else [])
-        files, state = load_training_checkpoint(folder, names)
+        _, state = load_training_checkpoint(folder, [])
         check_resume_config(from_dict(DistillConfig, state["config"]), self.cfg, RESUMABLE_CHANGES, folder)
-        distributed.load_full_state(self.student, files["model"], self.opt, optimizer_from_tensors(files["optim"], state["optimizer"]))
-        distributed.load_full_state(self.ema, files["ema"])
-        if self.critic is not None:
-            critic_opt = optimizer_from_tensors(files["critic_optim"], state["critic_optimizer"])
-            distributed.load_full_state(self.critic, files["critic"], self.critic_opt, critic_opt)
-        restore_rng(files["rng"], self.gen)
+        load_checkpoint(folder, self.dist, self.trainables, {"ema": self.ema}, self.gen)
         self.step = state["step"]
 
     # ---------------------------------------------------------------------------------- steps
@@ -355,7 +339,7 @@ class DistillTrainer:
     def _ode_step(self) -> dict[str, float]:
         with self.cfg.runtime.autocast():
             loss = self._ode_loss()
-        value = self._apply(loss, self.student, self.opt, "ode")
+        value = self._apply(loss, self.opt, "ode")
         update_ema(self.ema, self.student, self.cfg.ema_decay)
         return {"ode_loss": value}
 
@@ -413,14 +397,14 @@ class DistillTrainer:
                     loss_mem = self._memory_loss()
                     extra["memory_loss"] = self.dist.mean(loss_mem)
                     loss_g = loss_g + cfg.memory_weight * loss_mem
-            stats["dmd_loss"] = self._apply(loss_g, self.student, self.opt, "dmd")
+            stats["dmd_loss"] = self._apply(loss_g, self.opt, "dmd")
             update_ema(self.ema, self.student, self.cfg.ema_decay)
             stats.update({k: float(v) for k, v in extra.items()})
         s_BF, noise = self._levels_and_noise(x0.shape, num_f, first_given)
         with cfg.runtime.autocast():
             critic_ctx = self.critic.encode_prompts(batch["prompt"])
             loss_c = critic_loss(self.critic, x0.detach(), critic_ctx, window_actions, s_BF, noise, anchor)
-        stats["critic_loss"] = self._apply(loss_c, self.critic, self.critic_opt, "critic")
+        stats["critic_loss"] = self._apply(loss_c, self.critic_opt, "critic")
         return stats
 
     def _dmd_batch_actions(self, batch: dict) -> torch.Tensor:
@@ -504,17 +488,14 @@ class DistillTrainer:
         # drawn on the host generator (every rank consumes it alike), used on the device
         return s_BF[self.rows].to(self.device), noise[self.rows].to(self.device)
 
-    def _apply(self, loss: torch.Tensor, model: ModelBundle, opt: torch.optim.Optimizer, term: str) -> float:
+    def _apply(self, loss: torch.Tensor, opt: distributed.Optimized, term: str) -> float:
         """One optimizer step on ``loss`` (this rank's share); returns the global-batch loss."""
         value = self.dist.mean(loss)
         if not math.isfinite(value):
             raise NonFiniteLossError(
                 f"step {self.step}: {term} loss is {value}; the last good checkpoint is {latest_checkpoint(self.out)}"
             )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
-        opt.step()
+        opt.step(loss)
         return value
 
     def train(self, stop_after: int | None = None, progress: bool = True) -> list[dict[str, float]]:
