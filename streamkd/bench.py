@@ -290,8 +290,11 @@ def bench_train(cfg, steps: int = 10) -> dict:
         "data_share": record["data_share"],
         "batch_size": cfg.batch_size,
         "steps": steps,
+        "data": cfg.data or "toy world (rendered)",
+        "num_workers": cfg.num_workers,
         "counts": "samples_per_s: clips (of horizon_frames frames) per second of whole optimizer steps, first step "
-        "included; data_share: time rendering+collating batches / time of the steps",
+        "(and worker start-up) included; data_share: time the step waits for its batch (rendering / decoding / "
+        "reading shards + collating, in this process or not yet ready from the workers) / time of the steps",
         "threads": torch.get_num_threads(),
     }
 

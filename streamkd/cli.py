@@ -19,6 +19,8 @@ examples:
   streamkd eval --checkpoint toy-teacher --episodes 16 --seed 0 --frames 12 --json eval.json
   streamkd bench stream --checkpoint toy-teacher --causal --json bench.json
   streamkd bench shapes --json docs/bench_student_shapes.json
+  streamkd data toy-videos --out data/toy --clips 32
+  streamkd data encode --data data/toy --checkpoint toy-teacher --out data/toy-shards
   streamkd serve --checkpoint toy-student            # then open http://127.0.0.1:8765/
   streamkd client --actions right:8,down:8 --frames 48 --out live.mp4
 """
@@ -42,6 +44,27 @@ def _add_wan_args(p) -> None:
     g.add_argument("--width", type=int, help="video width in pixels (default: the checkpoint's; 832 for a pipeline folder)")
     g.add_argument("--negative-prompt", help="CFG's unconditional prompt (default: the checkpoint's; empty)")
     g.add_argument("--pipeline", help="a Wan student's pipeline folder (VAE, text encoder), if it moved")
+
+
+def _add_device_args(p) -> None:
+    g = p.add_argument_group("device and precision (streamkd.runtime)")
+    g.add_argument("--device", default="auto", help="auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N")
+    g.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16: the DiT and text encoder in bf16 (the codec stays fp32)")
+
+
+def _runtime(args):
+    from streamkd.runtime import RuntimeConfig
+
+    return RuntimeConfig(device=getattr(args, "device", "auto"), precision=getattr(args, "precision", "fp32"))
+
+
+def _placed(args, model):
+    """``model`` on the device and in the precision of ``--device`` / ``--precision``."""
+    from streamkd.runtime import place
+
+    runtime = _runtime(args)
+    return place(model, runtime.torch_device(), runtime.dtype)
 
 
 def _sampling(args, model):
@@ -148,7 +171,7 @@ def _load(args, checkpoint: str):
 
     wan = WanOptions(height=getattr(args, "height", None), width=getattr(args, "width", None),
                      negative_prompt=getattr(args, "negative_prompt", None))
-    return load_model(checkpoint, wan=wan, pipeline=getattr(args, "pipeline", None))
+    return _placed(args, load_model(checkpoint, wan=wan, pipeline=getattr(args, "pipeline", None)))
 
 
 def _read_image(path: str, frame_hw: tuple[int, int]):
@@ -299,7 +322,7 @@ def cmd_eval(args) -> None:
         if checkpoint_kind(checkpoint) != "toy":
             raise ValueError(f"{checkpoint} is a Wan model: eval measures against the toy world's exact ground truth, which "
                              "real video models have none of here; use `streamkd generate` to look at it")
-    loaded = [(checkpoint, WorldModel.load(checkpoint)) for checkpoint in args.checkpoint]
+    loaded = [(checkpoint, _placed(args, WorldModel.load(checkpoint))) for checkpoint in args.checkpoint]
     runs = [(checkpoint, model, *_sampling(args, model)) for checkpoint, model in loaded]
     if args.memory:  # one row per checkpoint and memory variant
         variants = [(spec, _memory_spec(spec)) for spec in args.memory]
@@ -379,7 +402,7 @@ def cmd_bench(args) -> None:
 
         if not args.checkpoint:
             raise ValueError("bench stream needs --checkpoint FOLDER")
-        model = WorldModel.load(args.checkpoint)
+        model = _placed(args, WorldModel.load(args.checkpoint))
         sampling, causal = _sampling(args, model)
         result = bench.bench_stream(model, sampling, causal, milestones=args.milestones or [100, 1000, 10000])
     elif args.what == "memory":
@@ -387,7 +410,7 @@ def cmd_bench(args) -> None:
 
         if not args.checkpoint:
             raise ValueError("bench memory needs --checkpoint FOLDER (e.g. toy-student-fast)")
-        model = WorldModel.load(args.checkpoint)
+        model = _placed(args, WorldModel.load(args.checkpoint))
         sampling, causal = _sampling(args, model)
         result = bench.bench_memory(model, causal, frames=tuple(args.milestones or (1000, 10000)), sampling=sampling)
         table = bench.bench_memory_markdown(result)
@@ -421,6 +444,41 @@ def cmd_bench(args) -> None:
     print(table or text)
 
 
+def cmd_data(args) -> None:
+    if args.what == "toy-videos":
+        from streamkd.data.video import write_toy_videos
+
+        if args.clips is None:
+            raise ValueError("data toy-videos needs --clips N (episodes to write)")
+        frames = args.frames or 16
+        paths = write_toy_videos(args.out, args.clips, num_frames=frames, base_seed=args.seed, fps=args.fps or 16)
+        print(f"wrote {len(paths)} toy-world episodes of {frames} frames to {args.out} "
+              "(clip-NNNNN.mp4 + .txt caption + .actions.json)")
+        return
+    from streamkd.bundle import load_model, pixel_frames
+    from streamkd.data.shards import encode_shards
+    from streamkd.data.video import VideoClipDataset
+    from streamkd.models.wan_model import WanOptions
+
+    if not args.data or not args.checkpoint:
+        raise ValueError("data encode needs --data (a folder of videos or a .csv/.jsonl manifest) and --checkpoint "
+                         "(the model whose codec and text encoder encode them)")
+    wan = WanOptions(height=args.height, width=args.width, negative_prompt=args.negative_prompt)
+    model = load_model(args.checkpoint, device=args.device, wan=wan, pipeline=args.pipeline)
+    frames = args.frames or pixel_frames(model.horizon_frames, model.codec.temporal_factor)
+    H, W = model.frame_hw
+    dataset = VideoClipDataset(args.data, frames, H, W, fps=args.fps, stride=args.stride, decoder=args.decoder,
+                               on_error=args.on_error)
+    # how the clips were made: a rerun into the same --out resumes only when these are unchanged
+    settings = {"data": str(Path(args.data).resolve()), "frames": frames, "height": H, "width": W, "fps": args.fps,
+                "stride": args.stride}
+    index = encode_shards(dataset, model, args.out, clips_per_shard=args.clips_per_shard, settings=settings,
+                          checkpoint=str(args.checkpoint), progress=not args.no_progress)
+    print(json.dumps({"out": args.out, "clips": index["clips"], "shards": len(index["shards"]),
+                      "skipped": len(index["skipped"]), "latent_shape": index["latent_shape"],
+                      "context_shape": index["context_shape"]}))
+
+
 def cmd_serve(args) -> None:
     import os
 
@@ -444,7 +502,7 @@ def cmd_serve(args) -> None:
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run(cfg, args.checkpoint, oracle=args.world_oracle, **extra)
+        run(cfg, args.checkpoint, oracle=args.world_oracle, runtime=_runtime(args), **extra)
     finally:
         torch.set_num_threads(previous)
 
@@ -541,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "none for Wan models: text-to-video)")
     _add_wan_args(p)
     _add_sampling_args(p)
+    _add_device_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
@@ -572,6 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads of the generation worker (0: torch's default)")
     p.add_argument("--world-oracle", action="store_true",
                    help="serve the toy world's exact renderer instead of a model (client development; no checkpoint)")
+    _add_device_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("client", help="stream from a running server into an mp4, sending actions live")
@@ -613,6 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revisit-grid", help="write a PNG: ground truth beside each run along the way back of one "
                                           "observed revisit (gap 8: the place left the cache long ago)")
     _add_sampling_args(p)
+    _add_device_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -631,11 +692,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-steps", type=int, default=10, help="bench train: optimizer steps to time")
     p.add_argument("--json", help="write the result here as well")
     _add_sampling_args(p)
+    _add_device_args(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "data", help="datasets: encode (videos -> latent + prompt-embedding shards that trainers read instead of "
+        "decoding), toy-videos (toy-world episodes as an mp4 folder with captions and actions)"
+    )
+    p.add_argument("what", choices=["encode", "toy-videos"])
+    p.add_argument("--out", required=True, help="encode: shard folder (rerun into it to resume); toy-videos: video folder")
+    p.add_argument("--data", help="encode: a folder of videos with <name>.txt captions, or a .csv/.jsonl manifest")
+    p.add_argument("--checkpoint", help="encode: the model whose codec and text encoder encode the clips (a streamkd "
+                                        "checkpoint, shipped name, or diffusers Wan pipeline folder)")
+    p.add_argument("--frames", type=int, help="frames per clip (encode default: the model's horizon, 1 + 4k for Wan's "
+                                              "VAE; toy-videos default: 16)")
+    p.add_argument("--fps", type=float, help="encode: resample videos to this rate (default: each file's own); "
+                                             "toy-videos: the mp4 rate (default 16)")
+    p.add_argument("--stride", type=int, default=1, help="encode: take every stride-th frame after resampling")
+    p.add_argument("--clips-per-shard", type=int, default=64, help="encode: clips per shard file")
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="encode: stop at the first unreadable video, or skip it and record it in index.json")
+    p.add_argument("--decoder", choices=["auto", "decord", "av"], default="auto", help="encode: video decoder")
+    p.add_argument("--device", default="cpu", help="encode: where the codec and text encoder run (e.g. cuda)")
+    p.add_argument("--no-progress", action="store_true", help="encode: no progress bar")
+    p.add_argument("--clips", type=int, help="toy-videos: episodes to write")
+    p.add_argument("--seed", type=int, default=0, help="toy-videos: base seed of the episodes")
+    _add_wan_args(p)
+    p.set_defaults(func=cmd_data)
+
+    # listed here for --help; main() hands its arguments to streamkd.gpu_check, which parses them
+    sub.add_parser("gpu-check", add_help=False,
+                   help="on a CUDA machine, in under 10 minutes: compiled-kernel tests, kernel benchmark, a "
+                        "Wan2.1-1.3B-shaped student streaming at 480x832 and one DMD step, as JSON (--tiny: toy sizes, CPU)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gpu-check"]:  # its own parser and exit codes (also: python -m streamkd.gpu_check)
+        from streamkd.gpu_check import main as gpu_check
+
+        return gpu_check(argv[1:])
+    # the `deepspeed` launcher appends --local_rank=N to every worker's arguments; the same number
+    # is in $LOCAL_RANK, which is what streamkd reads
+    argv = [a for a in argv if not a.startswith("--local_rank=")]
     parser = build_parser()
     # key.sub=value overrides may sit anywhere after the subcommand, so they are collected from
     # what argparse does not know

@@ -160,3 +160,40 @@ def test_skip_mode_counts_every_bad_file(tmp_path: Path) -> None:
     assert "corrupt" in reasons["broken.mp4"] and "does not exist" in reasons["gone.mp4"]
     with pytest.raises(IndexError):
         ds[1]
+
+
+def test_sidecar_actions_follow_the_frame_indices(tmp_path: Path) -> None:
+    write_video(tmp_path / "a.mp4")  # 20 frames at 24 fps
+    (tmp_path / "a.actions.json").write_text(json.dumps(list(range(20))))
+    write_video(tmp_path / "b.mp4")
+    np.save(tmp_path / "b.actions.npy", np.arange(20)[::-1].copy())
+    write_video(tmp_path / "c.mp4")
+    ds = VideoClipDataset(tmp_path, 4, 32, 32, fps=12, decoder="av")
+    # 24 -> 12 fps takes source frames 0, 2, 4, 6: the actions of exactly those frames
+    assert ds[0]["actions"].dtype == torch.int64 and ds[0]["actions"].tolist() == [0, 2, 4, 6]
+    assert ds[1]["actions"].tolist() == [19, 17, 15, 13]
+    assert "actions" not in ds[2]
+
+
+def test_manifest_actions_and_their_errors(tmp_path: Path) -> None:
+    write_video(tmp_path / "x.mp4", caption=None)
+    (tmp_path / "m.csv").write_text(f'path,caption,actions\nx.mp4,cap,"{json.dumps(list(range(20)))}"\n')
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": "x.mp4", "caption": "c", "actions": [3] * 20}) + "\n")
+    assert VideoClipDataset(tmp_path / "m.csv", 3, 32, 32, stride=2, decoder="av")[0]["actions"].tolist() == [0, 2, 4]
+    assert VideoClipDataset(tmp_path / "m.jsonl", 3, 32, 32, decoder="av")[0]["actions"].tolist() == [3, 3, 3]
+    (tmp_path / "short.jsonl").write_text(json.dumps({"path": "x.mp4", "caption": "c", "actions": [1] * 19}) + "\n")
+    with pytest.raises(ValueError, match=r"short\.jsonl:1 gives 19 actions but video '.*x\.mp4' has 20 frames"):
+        VideoClipDataset(tmp_path / "short.jsonl", 3, 32, 32, decoder="av")
+    (tmp_path / "neg.jsonl").write_text(json.dumps({"path": "x.mp4", "caption": "c", "actions": [-1] * 20}) + "\n")
+    with pytest.raises(ValueError, match=r"neg\.jsonl:1: actions must be >= 0"):
+        VideoClipDataset(tmp_path / "neg.jsonl", 3, 32, 32, decoder="av")
+
+
+def test_sidecar_of_wrong_length_is_named_or_skipped(tmp_path: Path) -> None:
+    write_video(tmp_path / "good.mp4")
+    write_video(tmp_path / "bad.mp4")
+    (tmp_path / "bad.actions.json").write_text(json.dumps([0] * 7))
+    with pytest.raises(ValueError, match=r"bad\.actions\.json' gives 7 actions but video '.*bad\.mp4' has 20 frames"):
+        VideoClipDataset(tmp_path, 4, 32, 32, decoder="av")
+    ds = VideoClipDataset(tmp_path, 4, 32, 32, decoder="av", on_error="skip")
+    assert len(ds) == 1 and list(ds.skipped) == [str(tmp_path / "bad.mp4")]

@@ -14,6 +14,10 @@ prompt with probability ``prompt_dropout``, the actions by the null action with 
 Exact resume: the data position is the step (sample ``i`` of the clip dataset is a pure function
 of ``i``), and the noise/timestep/dropout generator state is checkpointed with the weights, the
 EMA and the optimizer, so a resumed run reproduces the losses of an uninterrupted one.
+
+Data (``data``): toy-world episodes rendered on the fly, or videos, or shards of latents
+pre-encoded by ``streamkd data encode``; batches come through a DataLoader (``num_workers``,
+``prefetch_factor``) whose order is the step's alone (``streamkd.data.loader``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 import torch
 
 from streamkd import distributed
+from streamkd.bundle import pixel_frames
 from streamkd.checkpoint import (
     latest_checkpoint,
     load_training_checkpoint,
@@ -35,7 +40,8 @@ from streamkd.checkpoint import (
     save_training_checkpoint,
 )
 from streamkd.config import from_dict, to_dict
-from streamkd.data.toyworld import ToyClipDataset, collate_clips
+from streamkd.data.loader import open_training_data, step_batches
+from streamkd.data.toyworld import ToyClipDataset
 from streamkd.models.world import WorldModel, WorldModelConfig
 from streamkd.sampling.schedule import shift_sigmas
 from streamkd.train.common import RunLog, check_resume_config, restore_rng, rng_tensors, update_ema
@@ -100,6 +106,14 @@ class TeacherTrainConfig:
     """torch intra-op threads; 0 keeps torch's default."""
     parallel: str = "fsdp2"
     """Engine under torchrun (more than one process): fsdp2."""
+    data: str | None = None
+    """Training clips: None renders toy-world episodes; else a folder / .csv / .jsonl manifest of
+    videos (``streamkd.data.video``, decoded at the model's frame size and horizon), or a shard
+    folder of pre-encoded latents made by ``streamkd data encode`` with this model's codec."""
+    num_workers: int = 0
+    """DataLoader worker processes that load batches ahead of the step (0: in the training process)."""
+    prefetch_factor: int = 2
+    """Batches each worker keeps ready ahead (only with num_workers > 0)."""
 
     def __post_init__(self) -> None:
         for name in ("prompt_dropout", "action_dropout", "i2v_prob", "diffusion_forcing_prob"):
@@ -111,12 +125,17 @@ class TeacherTrainConfig:
             raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.num_workers < 0 or self.prefetch_factor < 1:
+            raise ValueError(f"num_workers must be >= 0 and prefetch_factor >= 1, got {self.num_workers}, "
+                             f"{self.prefetch_factor}; use num_workers=0 to load in the training process")
 
 
 RESUMABLE_CHANGES = (
-    "max_steps", "decay_start", "log_every", "ckpt_every", "tensorboard", "threads", "model.sampling", "parallel"
+    "max_steps", "decay_start", "log_every", "ckpt_every", "tensorboard", "threads", "model.sampling", "parallel",
+    "num_workers", "prefetch_factor",
 )
-"""Config fields a resumed run may change: bookkeeping, and the length and annealing of the schedule."""
+"""Config fields a resumed run may change: bookkeeping, the length and annealing of the schedule, and
+how fast batches load (the order is the step's, see ``streamkd.data.loader``)."""
 
 
 def param_groups(model: torch.nn.Module, qk_norm_lr_mult: float) -> list[dict]:
@@ -140,10 +159,12 @@ def flow_matching_loss(
     Randomness is drawn for the whole (global) batch and the loss computed on ``rows`` only, so
     data-parallel ranks, each with its slice, reproduce the single-process step.
     """
-    frames = batch["frames"]  # (B, F, H, W, 3) uint8
-    B, num_f = frames.shape[:2]
-    with torch.no_grad():
-        x0 = model.codec.encode(frames)
+    if "latents" in batch:  # pre-encoded shards (streamkd.data.shards): the codec ran offline
+        x0 = batch["latents"]
+    else:
+        with torch.no_grad():
+            x0 = model.codec.encode(batch["frames"])  # (B, F, H, W, 3) uint8 -> (B, C, F, h, w)
+    B, num_f = x0.shape[0], x0.shape[2]
     noise = torch.randn(x0.shape, generator=gen)
     s = shift_sigmas(torch.rand(B, generator=gen), cfg.timestep_shift)
     i2v = torch.rand(B, generator=gen) < cfg.i2v_prob
@@ -201,7 +222,10 @@ class TeacherTrainer:
             distributed.parallelize(self.model, cfg.parallel)
             distributed.parallelize(self.ema, cfg.parallel)
         self.opt = torch.optim.AdamW(param_groups(self.model, cfg.qk_norm_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.data = ToyClipDataset(cfg.model.world, cfg.model.horizon_frames, base_seed=cfg.seed)
+        if cfg.data is None:
+            self.data = ToyClipDataset(cfg.model.world, cfg.model.horizon_frames, base_seed=cfg.seed)
+        else:  # the prompt encoder trains with the DiT: only the shards' latents are reused, not their prompt embeddings
+            self.data = open_training_data(cfg.data, self.model, check=("codec",))
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.out = Path(cfg.out_dir)
@@ -239,9 +263,12 @@ class TeacherTrainer:
         self.step = state["step"]
 
     # ---------------------------------------------------------------------------------- loop
-    def _batch(self, step: int) -> dict:
-        first = step * self.cfg.batch_size
-        return collate_clips([self.data[first + i] for i in range(self.cfg.batch_size)])
+    def _batches(self, start: int, end: int):
+        """Batches of steps start .. end - 1 (item k of step s: sample s * batch_size + k)."""
+        cfg = self.cfg
+        num_frames = pixel_frames(cfg.model.horizon_frames, self.model.codec.temporal_factor)
+        return step_batches(self.data, cfg.batch_size, start, end, num_frames, cfg.model.dit.num_actions,
+                            cfg.num_workers, cfg.prefetch_factor)
 
     def _lr(self, step: int) -> float:
         cfg = self.cfg
@@ -258,11 +285,12 @@ class TeacherTrainer:
         end = cfg.max_steps if stop_after is None else min(cfg.max_steps, self.step + stop_after)
         losses: list[float] = []
         data_time = step_time = 0.0
+        batches = self._batches(self.step, end)
         with RunLog(self.out, total=end, initial=self.step, desc="teacher", tensorboard=cfg.tensorboard, progress=progress,
                     main=self.dist.is_main) as log:
             while self.step < end:
                 t0 = time.perf_counter()
-                batch = self._batch(self.step)
+                batch = next(batches)  # data_share counts only this wait: workers load while the step runs
                 t1 = time.perf_counter()
                 for group in self.opt.param_groups:
                     group["lr"] = self._lr(self.step) * group["lr_mult"]

@@ -3,7 +3,13 @@
 :class:`VideoClipDataset` turns a folder of videos (one ``<name>.txt`` caption
 next to each) or a ``.csv`` / ``.jsonl`` manifest into map-style items::
 
-    {"frames": uint8 (T, H, W, 3), "prompt": str, "seed": int, "path": str}
+    {"frames": uint8 (T, H, W, 3), "prompt": str, "seed": int, "path": str, "actions"?: int64 (T,)}
+
+``"actions"`` is there when the source gives per-frame integer actions (a game's controls, a
+camera's motion class): one per *source* frame, taken at the same frame indices as the frames, so
+resampling and stride keep frames and actions aligned. A folder gives them in a sidecar
+``<name>.actions.json`` (a JSON list) or ``<name>.actions.npy`` (a 1-D integer array), a manifest
+in an ``actions`` csv column (a JSON list in the cell; empty: none) or jsonl key.
 
 Item ``i`` is a pure function of ``i``: always the first clip of the file
 (frame 0 onwards), so runs are reproducible and resumable without RNG state.
@@ -26,14 +32,17 @@ import math
 import os
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import av
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["VIDEO_EXTENSIONS", "VideoClipDataset", "clip_frame_indices"]
+if TYPE_CHECKING:
+    from streamkd.data.toyworld import ToyWorldConfig
+
+__all__ = ["VIDEO_EXTENSIONS", "VideoClipDataset", "clip_frame_indices", "write_toy_videos"]
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".webm", ".avi")
 
@@ -75,13 +84,47 @@ def _resize_center_crop(frames_THWC: torch.Tensor, height: int, width: int) -> t
     return frames_THWC[:, top : top + height, left : left + width].contiguous()
 
 
+class _SourceActions(NamedTuple):
+    values: np.ndarray
+    """int64 (source frames,): one action per frame of the file."""
+    where: str
+    """The sidecar file or manifest line they came from, for error messages."""
+
+
+def _check_actions(raw: object, where: str) -> np.ndarray:
+    """``raw`` (a list or array of non-negative ints) as int64 (N,), or ValueError naming ``where``."""
+    values = np.asarray(raw)
+    if values.ndim != 1 or len(values) == 0 or values.dtype.kind not in "iu":
+        raise ValueError(f"{where}: actions must be a non-empty list of integers, one per source frame; "
+                         f"got {type(raw).__name__} of shape {values.shape} and dtype {values.dtype}")
+    if values.min() < 0:
+        raise ValueError(f"{where}: actions must be >= 0 (action ids), got {int(values.min())}")
+    return values.astype(np.int64)
+
+
+def _read_sidecar_actions(video: Path) -> _SourceActions | None:
+    """Actions from ``<name>.actions.json`` or ``<name>.actions.npy`` next to ``video``, or None."""
+    sidecars = [p for p in (video.with_suffix(".actions.json"), video.with_suffix(".actions.npy")) if p.is_file()]
+    if not sidecars:
+        return None
+    if len(sidecars) == 2:
+        raise ValueError(f"{str(video)!r} has two action sidecars, {str(sidecars[0])!r} and {str(sidecars[1])!r}; keep one")
+    sidecar = sidecars[0]
+    try:
+        raw = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.suffix == ".json" else np.load(sidecar, allow_pickle=False)
+    except (json.JSONDecodeError, ValueError, OSError) as err:
+        raise ValueError(f"cannot read action sidecar {str(sidecar)!r} ({err}); write a JSON list of ints or a 1-D int .npy") from err
+    return _SourceActions(_check_actions(raw, repr(str(sidecar))), repr(str(sidecar)))
+
+
 class VideoClipDataset(torch.utils.data.Dataset):
     """Map-style dataset of fixed-length RGB clips with captions.
 
     Args:
-        source: a folder of video files (captions from a sibling ``<name>.txt``),
-            or a ``.csv`` (header ``path,caption``) / ``.jsonl`` (``{"path", "caption"}``
-            per line) manifest whose paths are relative to the manifest's folder.
+        source: a folder of video files (captions from a sibling ``<name>.txt``, optional
+            actions from ``<name>.actions.json`` / ``.npy``), or a ``.csv`` (header
+            ``path,caption[,actions]``) / ``.jsonl`` (``{"path", "caption"[, "actions"]}`` per
+            line) manifest whose paths are relative to the manifest's folder.
         num_frames: frames per clip.
         height, width: output size; frames are resized so the shorter side fits,
             then center-cropped.
@@ -119,21 +162,26 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.decoder = "decord" if decoder == "decord" or (decoder == "auto" and _HAVE_DECORD) else "av"
         self.on_error = on_error
         self.skipped: dict[str, str] = {}
-        # (path, caption, source frame indices) per usable file.
-        self._items: list[tuple[Path, str, list[int]]] = []
+        # (path, caption, source frame indices, clip actions or None) per usable file.
+        self._items: list[tuple[Path, str, list[int], np.ndarray | None]] = []
 
         source = Path(source)
-        for path, caption, caption_error in self._list_entries(source):
+        for path, caption, problem, actions in self._list_entries(source):
             try:
-                if caption_error is not None:
-                    raise ValueError(caption_error)
-                indices = self._scan(path)
+                if problem is not None:
+                    raise ValueError(problem)
+                indices, count = self._scan(path)
+                if actions is not None and len(actions.values) != count:
+                    raise ValueError(
+                        f"{actions.where} gives {len(actions.values)} actions but video {str(path)!r} has {count} frames; "
+                        "give one action per source frame"
+                    )
             except ValueError as err:
                 if on_error == "raise":
                     raise
                 self.skipped[str(path)] = str(err)
                 continue
-            self._items.append((path, caption, indices))
+            self._items.append((path, caption, indices, None if actions is None else actions.values[indices]))
         if not self._items:
             detail = f"; all {len(self.skipped)} were skipped, e.g. {next(iter(self.skipped.values()))}" if self.skipped else ""
             raise ValueError(f"no usable videos in {str(source)!r}{detail}")
@@ -141,18 +189,22 @@ class VideoClipDataset(torch.utils.data.Dataset):
     # -- listing ---------------------------------------------------------------
 
     @staticmethod
-    def _list_entries(source: Path) -> list[tuple[Path, str, str | None]]:
-        """(video path, caption, caption problem or None) for every listed video."""
+    def _list_entries(source: Path) -> list[tuple[Path, str, str | None, _SourceActions | None]]:
+        """(video path, caption, problem or None, per-source-frame actions or None) for every listed video."""
         if source.is_dir():
             entries = []
             for path in sorted(p for p in source.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS):
                 txt = path.with_suffix(".txt")
                 if not txt.is_file():
-                    entries.append((path, "", f"{str(path)!r} has no caption: expected {str(txt)!r} next to it"))
+                    entries.append((path, "", f"{str(path)!r} has no caption: expected {str(txt)!r} next to it", None))
                     continue
                 caption = txt.read_text(encoding="utf-8").strip()
                 problem = None if caption else f"caption file {str(txt)!r} for {str(path)!r} is empty; write the caption into it"
-                entries.append((path, caption, problem))
+                try:
+                    actions = _read_sidecar_actions(path)
+                except ValueError as err:
+                    problem, actions = problem or str(err), None
+                entries.append((path, caption, problem, actions))
             if not entries:
                 raise ValueError(f"folder {str(source)!r} has no video files ({', '.join(VIDEO_EXTENSIONS)})")
             return entries
@@ -166,16 +218,22 @@ class VideoClipDataset(torch.utils.data.Dataset):
         else:
             raise ValueError(f"manifest {str(source)!r} must end in .csv or .jsonl (or pass a folder of videos)")
         entries = []
-        for where, rel, caption in rows:
+        for where, rel, caption, raw_actions in rows:
             path = source.parent / rel
             problem = None if caption.strip() else f"{where} ({rel!r}) has no caption; fill in its caption field"
-            entries.append((path, caption.strip(), problem))
+            actions = None
+            if raw_actions is not None:
+                try:
+                    actions = _SourceActions(_check_actions(raw_actions, where), where)
+                except ValueError as err:
+                    problem = problem or str(err)
+            entries.append((path, caption.strip(), problem, actions))
         if not entries:
             raise ValueError(f"manifest {str(source)!r} lists no videos")
         return entries
 
     @staticmethod
-    def _read_csv(manifest: Path) -> list[tuple[str, str, str]]:
+    def _read_csv(manifest: Path) -> list[tuple[str, str, str, object]]:
         with open(manifest, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None or not {"path", "caption"} <= set(reader.fieldnames):
@@ -185,11 +243,16 @@ class VideoClipDataset(torch.utils.data.Dataset):
                 where = f"{manifest}:{reader.line_num}"
                 if not row["path"]:
                     raise ValueError(f"{where} has an empty path; give each row a video path relative to the manifest")
-                rows.append((where, row["path"], row["caption"] or ""))
+                cell = (row.get("actions") or "").strip()
+                try:
+                    actions = json.loads(cell) if cell else None
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{where}: the actions cell is not a JSON list ({err}); write e.g. \"[0, 1, 1]\" or leave it empty") from err
+                rows.append((where, row["path"], row["caption"] or "", actions))
         return rows
 
     @staticmethod
-    def _read_jsonl(manifest: Path) -> list[tuple[str, str, str]]:
+    def _read_jsonl(manifest: Path) -> list[tuple[str, str, str, object]]:
         rows = []
         for line_num, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
@@ -202,13 +265,13 @@ class VideoClipDataset(torch.utils.data.Dataset):
             if not isinstance(record, dict) or not isinstance(record.get("path"), str) or not record["path"]:
                 raise ValueError(f"{where} needs a string \"path\" (relative to the manifest), got {line.strip()!r}")
             caption = record.get("caption")
-            rows.append((where, record["path"], caption if isinstance(caption, str) else ""))
+            rows.append((where, record["path"], caption if isinstance(caption, str) else "", record.get("actions")))
         return rows
 
     # -- scanning and decoding -------------------------------------------------
 
-    def _scan(self, path: Path) -> list[int]:
-        """Open ``path`` once; return the source indices of its first clip or raise ValueError."""
+    def _scan(self, path: Path) -> tuple[list[int], int]:
+        """Open ``path`` once; return the source indices of its first clip and its frame count, or raise ValueError."""
         if not path.is_file():
             raise ValueError(f"video {str(path)!r} does not exist; fix the path in the manifest or remove the entry")
         count, source_fps = self._probe_decord(path) if self.decoder == "decord" else self._probe_av(path)
@@ -222,7 +285,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
                 f"video {str(path)!r} has {count} frames but {self.num_frames} frames with stride {self.stride} at {at} "
                 f"need {needed}; use a longer video, or lower num_frames/stride"
             )
-        return indices
+        return indices, count
 
     @staticmethod
     def _probe_av(path: Path) -> tuple[int, Fraction]:
@@ -284,11 +347,45 @@ class VideoClipDataset(torch.utils.data.Dataset):
         if not 0 <= i < len(self._items):
             # Negative indices would make "seed" disagree with the item's position.
             raise IndexError(f"index {i} out of range for {len(self._items)} videos")
-        path, caption, indices = self._items[i]
+        path, caption, indices, actions = self._items[i]
         frames_THWC = torch.from_numpy(self._decode(path, indices))
-        return {
+        item = {
             "frames": _resize_center_crop(frames_THWC, self.height, self.width),
             "prompt": caption,
             "seed": i,
             "path": str(path),
         }
+        if actions is not None:
+            item["actions"] = torch.from_numpy(actions)
+        return item
+
+
+def write_toy_videos(
+    out: str | os.PathLike[str], clips: int, num_frames: int = 16, world: ToyWorldConfig | None = None,
+    base_seed: int = 0, fps: int = 16,
+) -> list[Path]:
+    """Write toy-world training episodes as a video folder that :class:`VideoClipDataset` reads.
+
+    Episode ``i`` becomes ``clip-{i:05d}.mp4`` (H.264), ``clip-{i:05d}.txt`` (its prompt, the
+    caption) and ``clip-{i:05d}.actions.json`` (its per-frame actions). The caption and actions go
+    first and the mp4 is renamed into place last, so an interrupted run never leaves a video
+    without its caption. ``world``: a ``ToyWorldConfig`` (default: the toy teacher's world).
+    """
+    from streamkd.data.toyworld import ToyClipDataset, ToyWorldConfig
+    from streamkd.media.video import VideoWriter
+
+    if not (isinstance(clips, int) and clips >= 1):
+        raise ValueError(f"clips must be a positive int, got {clips!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    episodes = ToyClipDataset(world or ToyWorldConfig(), num_frames, base_seed=base_seed)
+    paths = []
+    for i in range(clips):
+        item = episodes[i]
+        path = out / f"clip-{i:05d}.mp4"
+        path.with_suffix(".txt").write_text(item["prompt"] + "\n", encoding="utf-8")
+        path.with_suffix(".actions.json").write_text(json.dumps(item["actions"].tolist()) + "\n")
+        with VideoWriter(path, fps=fps) as writer:
+            writer.write(item["frames"])
+        paths.append(path)
+    return paths
