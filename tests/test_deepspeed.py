@@ -25,7 +25,8 @@ from streamkd.config import dump_yaml
 from streamkd.distributed import DeepSpeedOptions, _deepspeed_config
 from streamkd.train.distill import DistillTrainer
 
-from .test_distributed import DMD_KEYS, GOLDEN_DMD, PARITY_RTOL, STEPS, _dmd_cfg, _dmd_close
+from .test_distributed import DMD_KEYS, GOLDEN, GOLDEN_DMD, PARITY_RTOL, STEPS, _close, _dmd_cfg, _dmd_close, _losses
+from .test_training import tiny_config
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.distributed
@@ -44,8 +45,8 @@ def _config(teacher_dir: Path, out: Path, stage: int, max_steps: int = STEPS) ->
     return path
 
 
-def _launch(launcher: str, config: Path, port: int) -> subprocess.CompletedProcess:
-    job = ["-m", "streamkd.cli", "distill", "train", "--config", str(config), "--no-progress"]
+def _launch(launcher: str, config: Path, port: int, trainer: tuple[str, str] = ("distill", "train")) -> subprocess.CompletedProcess:
+    job = ["-m", "streamkd.cli", *trainer, "--config", str(config), "--no-progress"]
     if launcher == "one":
         cmd = [sys.executable, *job]
     elif launcher == "torchrun":
@@ -66,6 +67,20 @@ def test_zero_matches_the_single_process_run(launcher: str, stage: int, port: in
     assert done.returncode == 0, done.stderr[-3000:]
     assert _dmd_close(_logged(tmp_path / "run"), _golden(), PARITY_RTOL), (_logged(tmp_path / "run"), _golden())
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_zero3_teacher_matches_the_single_process_run(tmp_path: Path) -> None:
+    """Teacher training (its prompt encoder trains too, and the q/k norm gains have their own
+    learning-rate group) under ZeRO-3, two processes: the single-process golden losses."""
+    cfg = replace(tiny_config(tmp_path / "run", max_steps=STEPS, threads=1), parallel="deepspeed",
+                  deepspeed=DeepSpeedOptions(stage=3))
+    path = tmp_path / "teacher.yaml"
+    path.write_text(dump_yaml(cfg))
+    done = _launch("torchrun", path, 29535, trainer=("train", "teacher"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    golden = json.loads(GOLDEN.read_text())["losses"]
+    got = _losses(tmp_path / "run")
+    assert len(got) == STEPS and all(_close(a, b, PARITY_RTOL) for a, b in zip(got, golden)), (got, golden)
 
 
 def test_zero3_resumes_exactly_and_refuses_another_world_size(teacher_dir: Path, tmp_path: Path) -> None:

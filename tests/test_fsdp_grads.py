@@ -66,10 +66,10 @@ def _full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
     return out
 
 
-def _capture_at_step(opt: torch.optim.Optimizer, model: torch.nn.Module, into: dict, key: str) -> None:
-    """Record ``model``'s gradients when ``opt`` is about to step: after backward and clipping
-    (a no-op at ``NO_CLIP``), before the update. The trainers' own steps run unchanged."""
-    opt.register_step_pre_hook(lambda *_: into.__setitem__(key, _full_grads(model)))
+def _capture_at_step(opt: distributed.Optimized, model: torch.nn.Module, into: dict, key: str) -> None:
+    """Record ``model``'s gradients when ``opt``'s optimizer is about to step: after backward and
+    clipping (a no-op at ``NO_CLIP``), before the update. The trainers' own steps run unchanged."""
+    opt.opt.register_step_pre_hook(lambda *_: into.__setitem__(key, _full_grads(model)))
 
 
 def _teacher_cfg(out: Path) -> TeacherTrainConfig:

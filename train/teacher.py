@@ -27,24 +27,21 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from streamkd import distributed
 from streamkd.bundle import pixel_frames
-from streamkd.checkpoint import (
-    latest_checkpoint,
-    load_training_checkpoint,
-    optimizer_from_tensors,
-    optimizer_to_tensors,
-    save_training_checkpoint,
-)
+from streamkd.checkpoint import latest_checkpoint, load_training_checkpoint
 from streamkd.config import from_dict, to_dict
 from streamkd.data.loader import open_training_data, step_batches
 from streamkd.data.toyworld import ToyClipDataset
 from streamkd.models.world import WorldModel, WorldModelConfig
 from streamkd.sampling.schedule import shift_sigmas
-from streamkd.train.common import RunLog, check_resume_config, restore_rng, rng_tensors, update_ema
+from streamkd.distributed import DeepSpeedOptions
+from streamkd.runtime import RuntimeConfig, place, prepare
+from streamkd.train.common import RunLog, check_resume_config, load_checkpoint, save_checkpoint, update_ema
 
 
 @dataclass
@@ -104,8 +101,14 @@ class TeacherTrainConfig:
     """Write TensorBoard scalars (needs the `logging` extra)."""
     threads: int = 0
     """torch intra-op threads; 0 keeps torch's default."""
-    parallel: str = "fsdp2"
-    """Engine under torchrun (more than one process): fsdp2."""
+    parallel: Literal["fsdp2", "deepspeed"] = "fsdp2"
+    """Engine: fsdp2 (under torchrun; one process runs unsharded) or deepspeed (ZeRO-2/3, launched by
+    ``deepspeed`` or ``torchrun``, or in one process)."""
+    deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
+    """ZeRO stage and an optional DeepSpeed JSON config (``parallel: deepspeed``)."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Device, precision (bf16 with fp32 master weights), activation checkpointing, compile
+    (``streamkd.runtime``)."""
     data: str | None = None
     """Training clips: None renders toy-world episodes; else a folder / .csv / .jsonl manifest of
     videos (``streamkd.data.video``, decoded at the model's frame size and horizon), or a shard
@@ -132,7 +135,7 @@ class TeacherTrainConfig:
 
 RESUMABLE_CHANGES = (
     "max_steps", "decay_start", "log_every", "ckpt_every", "tensorboard", "threads", "model.sampling", "parallel",
-    "num_workers", "prefetch_factor",
+    "num_workers", "prefetch_factor", "runtime",
 )
 """Config fields a resumed run may change: bookkeeping, the length and annealing of the schedule, and
 how fast batches load (the order is the step's, see ``streamkd.data.loader``)."""
@@ -154,18 +157,21 @@ class NonFiniteLossError(ArithmeticError):
 def flow_matching_loss(
     model: WorldModel, batch: dict, cfg: TeacherTrainConfig, gen: torch.Generator, rows: slice = slice(None)
 ) -> torch.Tensor:
-    """One teacher loss on a collated batch; all randomness drawn from ``gen`` in a fixed order.
+    """One teacher loss on this rank's ``rows`` of the global batch (``batch`` holds those rows
+    only); all randomness drawn from ``gen`` in a fixed order.
 
-    Randomness is drawn for the whole (global) batch and the loss computed on ``rows`` only, so
-    data-parallel ranks, each with its slice, reproduce the single-process step.
+    Randomness is drawn for the whole (global) batch of ``cfg.batch_size`` clips and sliced to
+    ``rows``, so data-parallel ranks, each with its slice, reproduce the single-process step. It is
+    drawn on the host generator (every rank consumes it alike) and moved to the model's device.
     """
+    dev = model.dit.proj_out.weight.device
     if "latents" in batch:  # pre-encoded shards (streamkd.data.shards): the codec ran offline
-        x0 = batch["latents"]
+        x0 = batch["latents"].to(dev)
     else:
         with torch.no_grad():
-            x0 = model.codec.encode(batch["frames"])  # (B, F, H, W, 3) uint8 -> (B, C, F, h, w)
-    B, num_f = x0.shape[0], x0.shape[2]
-    noise = torch.randn(x0.shape, generator=gen)
+            x0 = model.codec.encode(batch["frames"])  # (b, F, H, W, 3) uint8 -> (b, C, F, h, w), on the codec's device
+    B, num_f = cfg.batch_size, x0.shape[2]
+    noise = torch.randn((B, *x0.shape[1:]), generator=gen)[rows].to(dev)
     s = shift_sigmas(torch.rand(B, generator=gen), cfg.timestep_shift)
     i2v = torch.rand(B, generator=gen) < cfg.i2v_prob
     drop_prompt = torch.rand(B, generator=gen) < cfg.prompt_dropout
@@ -175,20 +181,21 @@ def flow_matching_loss(
 
     s_BF = torch.where(per_frame[:, None], s_per_frame, s[:, None].expand(B, num_f))
     s_BF[i2v, 0] = 0.0
-    s_b = s_BF[:, None, :, None, None]
+    s_bF = s_BF[rows].to(dev)
+    s_b = s_bF[:, None, :, None, None]
     x_t = (1 - s_b) * x0 + s_b * noise
     target = noise - x0
-    prompts = ["" if d else p for p, d in zip(batch["prompt"], drop_prompt.tolist())]
-    actions = batch["actions"].clone()
-    actions[drop_actions] = model.dit.null_action
-    v = model.dit(x_t[rows], 1000.0 * s_BF[rows], model.encode_prompts(prompts[rows]), actions[rows])
+    prompts = ["" if d else p for p, d in zip(batch["prompt"], drop_prompt[rows].tolist())]
+    actions = batch["actions"].clone()  # host data, as the DiT expects
+    actions[drop_actions[rows]] = model.dit.null_action
+    v = model.dit(x_t, 1000.0 * s_bF, model.encode_prompts(prompts), actions)
     weight_BF = torch.ones(B, num_f)
     weight_BF[i2v, 0] = 0.0
-    err_BF = (v.float() - target[rows]).pow(2).mean(dim=(1, 3, 4))
+    err_BF = (v.float() - target.float()).pow(2).mean(dim=(1, 3, 4))
     # normalised by the *global* weight, scaled by the share of rows: the mean over ranks (what
     # FSDP's gradient averaging computes) is then exactly the global-batch loss
     share = B / err_BF.shape[0]
-    return (err_BF * weight_BF[rows]).sum() * share / weight_BF.sum()
+    return (err_BF * weight_BF[rows].to(dev)).sum() * share / weight_BF.sum().to(dev)
 
 
 class TeacherTrainer:
@@ -196,7 +203,8 @@ class TeacherTrainer:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.dist = distributed.init()
+        self.device = cfg.runtime.torch_device()
+        self.dist = distributed.init(self.device, cfg.parallel)
         torch.manual_seed(cfg.seed)
         self.model = WorldModel(cfg.model)
         self.ema = WorldModel(cfg.model).requires_grad_(False)
@@ -218,10 +226,18 @@ class TeacherTrainer:
         else:
             self._fit_codec()  # deterministic, so every rank fits the same codec
         self.ema.load_state_dict(self.model.state_dict())
+        # device, checkpointing, compile, then FSDP2 (the EMA stays fp32 and whole-model), then the optimizer
+        prepare(self.model, cfg.runtime, trainable=True)
+        place(self.ema, self.device)
         if self.dist.enabled:
-            distributed.parallelize(self.model, cfg.parallel)
+            distributed.parallelize(self.model, cfg.parallel, cfg.runtime.dtype)
             distributed.parallelize(self.ema, cfg.parallel)
-        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.qk_norm_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        engine = cfg.parallel if self.dist.enabled or cfg.parallel == "deepspeed" else "local"
+        self.opt = distributed.Optimized(
+            self.model, param_groups(self.model, cfg.qk_norm_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay,
+            grad_clip=cfg.grad_clip, engine=engine, micro_batch=len(range(cfg.batch_size)[self.dist.rows(cfg.batch_size)]),
+            deepspeed=cfg.deepspeed,
+        )
         if cfg.data is None:
             self.data = ToyClipDataset(cfg.model.world, cfg.model.horizon_frames, base_seed=cfg.seed)
         else:  # the prompt encoder trains with the DiT: only the shards' latents are reused, not their prompt embeddings
@@ -237,29 +253,14 @@ class TeacherTrainer:
         self.model.codec.fit(frames)
 
     def save(self) -> Path | None:
-        """Checkpoint (a collective under FSDP: every rank calls it, rank 0 writes)."""
-        model_sd, opt_sd = distributed.full_state(self.model, self.opt)
-        ema_sd, _ = distributed.full_state(self.ema)
-        folder = None
-        if self.dist.is_main:
-            opt_tensors, opt_meta = optimizer_to_tensors(opt_sd)
-            state = {
-                "step": self.step,
-                "data_position": self.step * self.cfg.batch_size,
-                "config": to_dict(self.cfg),
-                "optimizer": opt_meta,
-            }
-            files = {"model": model_sd, "ema": ema_sd, "optim": opt_tensors, "rng": rng_tensors(self.gen)}
-            folder = save_training_checkpoint(self.out, self.step, files, state)
-        distributed.barrier(self.dist)
-        return folder
+        """Checkpoint (a collective: every rank calls it, rank 0 publishes; ``train.common.save_checkpoint``)."""
+        state = {"step": self.step, "data_position": self.step * self.cfg.batch_size, "config": to_dict(self.cfg)}
+        return save_checkpoint(self.out, self.step, self.dist, {"model": self.opt}, {"ema": self.ema}, self.gen, state)
 
     def resume(self, folder: Path) -> None:
-        files, state = load_training_checkpoint(folder, ["model", "ema", "optim", "rng"])
+        _, state = load_training_checkpoint(folder, [])
         check_resume_config(from_dict(TeacherTrainConfig, state["config"]), self.cfg, RESUMABLE_CHANGES, folder)
-        distributed.load_full_state(self.model, files["model"], self.opt, optimizer_from_tensors(files["optim"], state["optimizer"]))
-        distributed.load_full_state(self.ema, files["ema"])
-        restore_rng(files["rng"], self.gen)
+        load_checkpoint(folder, self.dist, {"model": self.opt}, {"ema": self.ema}, self.gen)
         self.step = state["step"]
 
     # ---------------------------------------------------------------------------------- loop
@@ -268,7 +269,7 @@ class TeacherTrainer:
         cfg = self.cfg
         num_frames = pixel_frames(cfg.model.horizon_frames, self.model.codec.temporal_factor)
         return step_batches(self.data, cfg.batch_size, start, end, num_frames, cfg.model.dit.num_actions,
-                            cfg.num_workers, cfg.prefetch_factor)
+                            cfg.num_workers, cfg.prefetch_factor, rows=self.dist.rows(cfg.batch_size))
 
     def _lr(self, step: int) -> float:
         cfg = self.cfg
@@ -294,17 +295,15 @@ class TeacherTrainer:
                 t1 = time.perf_counter()
                 for group in self.opt.param_groups:
                     group["lr"] = self._lr(self.step) * group["lr_mult"]
-                loss = flow_matching_loss(self.model, batch, cfg, self.gen, self.dist.rows(cfg.batch_size))
+                with cfg.runtime.autocast():
+                    loss = flow_matching_loss(self.model, batch, cfg, self.gen, self.dist.rows(cfg.batch_size))
                 loss_value = self.dist.mean(loss)
                 if not math.isfinite(loss_value):
                     raise NonFiniteLossError(
                         f"step {self.step}: flow-matching loss is {loss_value}; the last good checkpoint is "
                         f"{latest_checkpoint(self.out)}; lower lr or raise grad_clip"
                     )
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                self.opt.step()
+                grad_norm = self.opt.step(loss)
                 update_ema(self.ema, self.model, cfg.ema_decay)
                 self.step += 1
                 data_time += t1 - t0

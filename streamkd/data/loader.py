@@ -29,17 +29,20 @@ __all__ = ["StepSampler", "collate_training", "open_training_data", "step_batche
 
 
 class StepSampler(Sampler[int]):
-    """Dataset indices of steps ``start .. end - 1``: ``(step * batch_size + k) % length``."""
+    """Dataset indices of steps ``start .. end - 1``: ``(step * batch_size + k) % length`` for the
+    positions ``k`` in ``rows`` (a data-parallel rank loads only its own rows of each global batch)."""
 
-    def __init__(self, length: int, batch_size: int, start: int, end: int) -> None:
+    def __init__(self, length: int, batch_size: int, start: int, end: int, rows: slice = slice(None)) -> None:
         self.length, self.batch_size, self.start, self.end = length, batch_size, start, end
+        self.positions = range(batch_size)[rows]
 
     def __iter__(self) -> Iterator[int]:
-        for i in range(self.start * self.batch_size, self.end * self.batch_size):
-            yield i % self.length
+        for step in range(self.start, self.end):
+            for k in self.positions:
+                yield (step * self.batch_size + k) % self.length
 
     def __len__(self) -> int:
-        return (self.end - self.start) * self.batch_size
+        return (self.end - self.start) * len(self.positions)
 
 
 def collate_training(items: list[dict[str, Any]], num_frames: int, num_actions: int) -> dict[str, Any]:
@@ -93,11 +96,13 @@ def open_training_data(source: str | Path, model, check: Sequence[str] = ("codec
 
 
 def step_batches(data: Dataset, batch_size: int, start: int, end: int, num_frames: int, num_actions: int,
-                 num_workers: int = 0, prefetch_factor: int = 2) -> Iterator[dict[str, Any]]:
-    """Batches of steps ``start .. end - 1``, loaded by ``num_workers`` processes (0: in this one)
-    that keep up to ``prefetch_factor`` batches each ready ahead of the step."""
+                 num_workers: int = 0, prefetch_factor: int = 2, rows: slice = slice(None)) -> Iterator[dict[str, Any]]:
+    """This rank's ``rows`` of the global batches of steps ``start .. end - 1``, loaded by
+    ``num_workers`` processes (0: in this one) that keep up to ``prefetch_factor`` batches each
+    ready ahead of the step."""
+    sampler = StepSampler(len(data), batch_size, start, end, rows)
     loader = DataLoader(
-        data, batch_size=batch_size, sampler=StepSampler(len(data), batch_size, start, end),
+        data, batch_size=len(sampler.positions), sampler=sampler,
         collate_fn=functools.partial(collate_training, num_frames=num_frames, num_actions=num_actions),
         num_workers=num_workers, prefetch_factor=prefetch_factor if num_workers else None,
     )
