@@ -17,7 +17,8 @@ Precision (``precision: bf16``, DESIGN §3):
   colours; diffusers runs the Wan VAE in fp32 too).
 
 Activation checkpointing recomputes each DiT block's activations in the backward pass instead of
-storing them (memory ~ one block's activations instead of all of them). It is only active while
+storing them (memory ~ each block's input plus one block's activations instead of all of them),
+the rollouts' cache-reading passes included (``checkpoint_blocks``). It is only active while
 autograd records: the KV-cache-writing passes run under ``no_grad`` and are never recomputed.
 """
 
@@ -101,10 +102,11 @@ def checkpoint_blocks(model: nn.Module) -> None:
     with keyword arguments). Wraps the instance's ``forward``, so parameter names and state dicts
     do not change.
 
-    Full-sequence passes (teacher, critic, the ODE and DMD losses) are checkpointed. A pass that
-    reads a KV cache is not: the chunk's cache-writing pass runs after it and before the backward,
-    so a recomputation would read a cache that has moved on. Those passes are the self-forcing
-    rollout's exit steps, one per chunk, whose activations are kept as they are without it."""
+    Full-sequence passes (teacher, critic, the ODE and DMD losses) and the self-forcing rollout's
+    exit-step passes, which read the KV cache, are checkpointed. The chunk's cache-writing pass
+    runs after such a pass and before the backward, so its recomputation must not read the cache:
+    the pass keeps the history it read in its attention plan (``_SelfAttnPlan.history``), and the
+    recomputation reads that. Cache-writing passes run without a graph and are never checkpointed."""
     from torch.utils.checkpoint import checkpoint
 
     for block in model.dit.blocks:
@@ -112,7 +114,7 @@ def checkpoint_blocks(model: nn.Module) -> None:
 
         # DiTBlock.forward(x, ctx, tproj, plan, layer, kv_only=False)
         def forward(x, ctx, tproj, plan, layer, _inner=inner, **kwargs):
-            if not torch.is_grad_enabled() or plan.cache is not None:
+            if not torch.is_grad_enabled() or plan.write_cache:
                 return _inner(x, ctx, tproj, plan, layer, **kwargs)
             return checkpoint(_inner, x, ctx, tproj, plan, layer, use_reentrant=False, **kwargs)
 

@@ -120,3 +120,17 @@ def test_activation_checkpointing_and_compile_keep_the_losses(teacher_dir: Path,
     for a, b in zip(compiled.train(progress=False), plain):
         for key in ("dmd_loss", "critic_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-5)
+
+
+def test_activation_checkpointing_recomputes_cache_reading_passes_exactly(teacher_dir: Path, tmp_path: Path) -> None:
+    """Rollout passes that read a paged cache with memory tiers (and the memory term's observed
+    revisits) are checkpointed too; their recomputation reads the history the forward read, not
+    the cache the chunk's writing pass moved on: the same losses as without checkpointing."""
+    from streamkd.cache.memory import MemoryConfig
+
+    causal = CausalConfig(2, 2, 2, memory=MemoryConfig(compressed_frames=2, fine_frames=1, bank_frames=2, retrieve_frames=1))
+    kw = dict(causal=causal, memory_weight=1.0, memory_rows=1, revisit_share=0.5, rollout_frames=8)
+    plain = DistillTrainer(_distill_cfg(teacher_dir, tmp_path / "plain", **kw)).train(progress=False)
+    ac = DistillTrainer(_distill_cfg(teacher_dir, tmp_path / "ac", runtime=RuntimeConfig(activation_checkpointing=True), **kw))
+    keys = ("dmd_loss", "critic_loss", "memory_loss")
+    assert [{k: h[k] for k in keys} for h in ac.train(progress=False)] == [{k: h[k] for k in keys} for h in plain]

@@ -227,6 +227,12 @@ class KVCache:
             return torch.cat([rotate(kc_BSHD), k_BLHD], 1), torch.cat([vc_BSHD, v_BLHD], 1)
         return with_chunk(self.derived, layer, lambda: (rotate(kc_BSHD), vc_BSHD), k_BLHD, v_BLHD)
 
+    def history_kv(self, layer: int, rotate: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached keys (rotated by ``rotate``) and values of ``layer`` as fresh tensors that no
+        later write to the cache touches (what a pass with a graph keeps for its backward)."""
+        kc_BSHD, vc_BSHD = self.read(layer)
+        return rotate(kc_BSHD), vc_BSHD.clone()
+
     def write(self, layer: int, k_BLHD: torch.Tensor, v_BLHD: torch.Tensor) -> None:
         """Store the un-rotated keys/values of the chunk that follows the written frames.
 

@@ -368,6 +368,11 @@ class PagedKVCache:
 
         return with_chunk(self.derived, layer, history, k_BLHD, v_BLHD)
 
+    def history_kv(self, layer: int, rotate: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attended keys (rotated) and values of ``layer``, gathered into fresh tensors."""
+        kc, vc, _ = self._gather(layer, self.derived["pieces"])
+        return rotate(kc), vc
+
     # ------------------------------------------------------------------------------ the write side
     def write(self, layer: int, k_BLHD: torch.Tensor, v_BLHD: torch.Tensor) -> None:
         """Store the un-rotated keys/values of the chunk that follows the written frames."""

@@ -31,7 +31,7 @@ weights convert one-to-one (``streamkd.models.wan``). Two generalisations serve 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -140,6 +140,10 @@ class _SelfAttnPlan:
     memory_chunks: list | None = None
     memory: MemoryConfig | None = None
     grid: tuple[int, int] = (0, 0)
+    # "cached" with autograd: per layer, the history this pass read (rotated keys, values). A block
+    # recomputed in backward (activation checkpointing) runs after the chunk's cache-writing pass
+    # moved the cache on; it reads the history kept here, the one its forward saw.
+    history: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def attend(self, q_BLHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor, mask: torch.Tensor | None = None,
                q_offset: int | None = None) -> torch.Tensor:
@@ -192,9 +196,16 @@ class Attention(nn.Module):
             out_BLND = plan.attend(q, k, v_BLND, plan.mask, q_offset=0)
         elif plan.mode == "cached":
             cache = plan.cache
-            q = apply_rope(q_BLND, plan.cos, plan.sin)
-            k_all, v_all = cache.attention_kv(layer, apply_rope(k_BLND, plan.cos, plan.sin), v_BLND,
-                                              lambda kc: apply_rope(kc, plan.cache_cos, plan.cache_sin))
+            q, k = apply_rope(q_BLND, plan.cos, plan.sin), apply_rope(k_BLND, plan.cos, plan.sin)
+            rotate = lambda kc: apply_rope(kc, plan.cache_cos, plan.cache_sin)  # noqa: E731
+            if torch.is_grad_enabled() and not plan.write_cache:  # a graph: maybe recomputed later (see plan.history)
+                if layer not in plan.history:
+                    kc, vc = cache.history_kv(layer, rotate)
+                    plan.history[layer] = kc.to(k.dtype), vc.to(v_BLND.dtype)
+                kc, vc = plan.history[layer]
+                k_all, v_all = torch.cat([kc, k], 1), torch.cat([vc, v_BLND], 1)
+            else:
+                k_all, v_all = cache.attention_kv(layer, k, v_BLND, rotate)
             if plan.mask is not None:  # rows of a paged batch attend to different numbers of keys
                 out_BLND = attention(q, k_all, v_all, plan.mask)
             else:
