@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from streamkd.cache.kv_cache import KVCache, KVCacheSnapshot
-from streamkd.cache.memory import MemoryConfig
+from streamkd.cache.memory import MemoryConfig, coarsen, compress_frame
 from streamkd.cache.paged import PagedKVCache, PagedSnapshot, PagePool
 from streamkd.data.toyworld import ACTION_DELTAS, ACTIONS, ToyWorld, parse_prompt
 from streamkd.generate import first_frame_for
@@ -96,6 +96,9 @@ class _Visible:
     window_frames: int
     sinks: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  # (frame index, latent_C1hw, action)
     window: deque = field(default_factory=deque)
+    # frames past the window that a memory tier (bank, compressed) still holds: frame -> (latent_C1hw,
+    # action). A latent frame is a few hundred times smaller than its keys and values.
+    memory: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
 
     def push(self, first_index: int, latents_CFhw: torch.Tensor, actions: list[int]) -> None:
         for i, a in enumerate(actions):
@@ -105,7 +108,13 @@ class _Visible:
             else:
                 self.window.append(item)
                 if len(self.window) > self.window_frames:
-                    self.window.popleft()
+                    f, latent, action = self.window.popleft()
+                    self.memory[f] = (latent, action)
+
+    def keep_memory(self, frames: set[int]) -> None:
+        """Forget the latents of frames no memory tier holds any more."""
+        for f in [f for f in self.memory if f not in frames]:
+            del self.memory[f]
 
     def frames(self) -> list[tuple[int, torch.Tensor, int]]:
         """Oldest first: the cache's slot order after ``rebase``."""
@@ -144,6 +153,8 @@ class ModelBackend:
             # one pool for every session's pages: the one a max_batch cache sizes for itself (a new
             # cache holds no page yet; the pool grows by doubling if sessions need more)
             self.pool = self._generator(max_batch).cache.pool
+        self.recached_memory_frames = 0
+        """Memory-tier frames (bank and compressed) re-written by prompt switches so far."""
         self.copied_bytes = 0
         """Bytes of cached keys/values copied by batching (gather + scatter) so far: the contiguous
         cache copies every session's cache twice per batched chunk, the paged store none."""
@@ -196,6 +207,7 @@ class ModelBackend:
         for b, stream in enumerate(streams):
             try:
                 stream.visible.push(stream.frames_done, latents[b], [actions[b]] * F)
+                stream.visible.keep_memory(_memory_frames(stream.gen.cache))
                 stream.frames_done += F
                 # decoded per session: a temporal codec (the Wan VAE) keeps per-stream state
                 out.append(stream.gen.decode(latents[b : b + 1])[0].cpu().numpy())
@@ -259,7 +271,7 @@ class ModelBackend:
         return {"tier_bytes": cache.tier_bytes(), "bank_frames": len(row.bank), "compressed_frames": len(row.compressed),
                 "retrieved_last_chunk": row.retrieved_last, "retrieved_total": row.retrieved_total,
                 "pool_pages_in_use": cache.pool.in_use, "pool_pages": cache.pool.capacity,
-                "batch_copied_bytes": self.copied_bytes}
+                "batch_copied_bytes": self.copied_bytes, "recached_memory_frames": self.recached_memory_frames}
 
     @torch.no_grad()
     def switch_prompt(self, stream: ModelStream, prompt: str) -> None:
@@ -271,36 +283,58 @@ class ModelBackend:
         positions and camera offsets; what the replay cannot restore is the context of frames
         already evicted (as in LongLive). With nothing evicted yet and an unchanged prompt, the
         re-cache reproduces the cache (``tests/test_serve_batching.py``).
+
+        Memory tiers are re-cached too (``_recache_memory``): every frame the bank or the
+        compressed tier holds is re-written under the new prompt, so retrieved memory does not
+        bring the old prompt back.
         """
         gen = stream.gen
         gen.set_prompts([prompt])
         frames = stream.visible.frames()
-        cache, dit = gen.cache, self.model.dit
+        cache = gen.cache
         assert len(frames) == cache.num_filled, "visible-frame history out of step with the cache"
         if not frames:
             return
-        halves = gen.rows // gen.batch_size
-        paged = isinstance(cache, PagedKVCache)
-        if paged:
+        if isinstance(cache, PagedKVCache):
             # re-write sinks + window into a scratch paged cache without memory (same pool), then
-            # take its pages; the memory tiers keep the keys they were written with
+            # take its pages; the memory tiers are re-written after them
             target = cache
-            camera = torch.tensor([[list(c) for c in cache._rows[h].cameras] for h in range(halves)], dtype=torch.long)
-            kept = [f for f, _, _ in frames]
-            camera = camera[:, kept] if camera.numel() else camera
-            h, w = self.model.latent_hw
-            cache = dit.new_cache(batch_size=gen.rows, height=h, width=w,
-                                  sink_frames=self.causal.sink_frames, window_frames=self.causal.window_frames,
-                                  chunk_frames=self.causal.chunk_frames, memory=MemoryConfig(), pool=self.pool)
-            if target.anchor_BCHW is not None:
-                cache.anchor_BCHW = target.anchor_BCHW.clone()
-            cache.anchor_camera_B2.copy_(target.anchor_camera_B2)
-            cache.anchor_valid_B.copy_(target.anchor_valid_B)
-            cache.camera_known_B.copy_(target.camera_known_B)
+            cache = self._scratch_cache(gen, target)
+            self._write_frames(cache, frames, self._cameras(target, [f for f, _, _ in frames]), gen)
+            target.replace_recent(cache)
+            target.camera_known_B.copy_(cache.camera_known_B)
+            cache.reset()
+            self._recache_memory(stream, target)
         else:
             camera = cache.camera_BS2[:, : cache.num_filled].clone()
             cache.reset()
-        F = self.causal.chunk_frames
+            self._write_frames(cache, frames, camera, gen)
+
+    @staticmethod
+    def _cameras(cache: PagedKVCache, kept: list[int]) -> torch.Tensor:
+        """``(rows, len(kept), 2)`` camera offsets of frames ``kept`` in every row of ``cache``."""
+        camera = torch.tensor([[list(c) for c in r.cameras] for r in cache._rows], dtype=torch.long)
+        return camera[:, kept] if camera.numel() else camera
+
+    def _scratch_cache(self, gen: StreamGenerator, target: PagedKVCache) -> PagedKVCache:
+        """An empty paged cache without memory on the backend's pool, with ``target``'s anchor."""
+        h, w = self.model.latent_hw
+        cache = self.model.dit.new_cache(batch_size=gen.rows, height=h, width=w, sink_frames=self.causal.sink_frames,
+                                         window_frames=self.causal.window_frames, chunk_frames=self.causal.chunk_frames,
+                                         memory=MemoryConfig(), pool=self.pool)
+        if target.anchor_BCHW is not None:
+            cache.anchor_BCHW = target.anchor_BCHW.clone()
+        cache.anchor_camera_B2.copy_(target.anchor_camera_B2)
+        cache.anchor_valid_B.copy_(target.anchor_valid_B)
+        cache.camera_known_B.copy_(target.camera_known_B)
+        return cache
+
+    def _write_frames(self, cache: KVCache, frames: list[tuple[int, torch.Tensor, int]], camera: torch.Tensor,
+                      gen: StreamGenerator) -> None:
+        """Write ``frames`` (clean latents) into ``cache`` under ``gen``'s prompt context, grouped by
+        their original chunks, each at camera offset ``camera[:, i]``."""
+        dit, F = self.model.dit, self.causal.chunk_frames
+        halves = gen.rows // gen.batch_size
         start = 0
         while start < len(frames):
             end = start + 1
@@ -317,10 +351,52 @@ class ModelBackend:
             dit(x, torch.zeros(halves, len(group)), gen.context, a if dit.action_embed is not None else None,
                 cache=cache, write_cache=True, output=False)
             start = end
-        if paged:
-            target.replace_recent(cache)
-            target.camera_known_B.copy_(cache.camera_known_B)
-            cache.reset()
+
+    def _recache_memory(self, stream: ModelStream, target: PagedKVCache) -> None:
+        """Re-write every frame a memory tier of ``target`` holds under the new prompt.
+
+        The rule for a memory frame's context: it is re-written as a one-frame chunk right after the
+        (re-written) sinks, with its own camera offset -- the position retrieved entries are read at
+        (just behind the sinks' block) and the one context every frame of the stream shares. The
+        context the frame was first written with (the window of its time) is gone, as it is for
+        the window's own evicted history. Bank frames get new full-resolution pages; compressed
+        frames are pooled and quantized again from the new keys and values, at their level."""
+        held = _memory_frames(target)
+        if not held:
+            return
+        gen, memory = stream.gen, target.memory
+        missing = held - stream.visible.memory.keys()
+        assert not missing, f"latents of memory frames {sorted(missing)} were not kept"
+        scratch = self._scratch_cache(gen, target)
+        sinks = stream.visible.sinks
+        self._write_frames(scratch, sinks, self._cameras(target, [f for f, _, _ in sinks]), gen)
+        base = scratch.snapshot()
+        levels = [dict(r.planner.compressed) if r.planner is not None else {} for r in target._rows]
+        bank = [{} for _ in target._rows]
+        packed = [{} for _ in target._rows]
+        for f in sorted(held):
+            latent, action = stream.visible.memory[f]
+            self._write_frames(scratch, [(f, latent, action)], self._cameras(target, [f]), gen)
+            for b, (mine, theirs) in enumerate(zip(target._rows, scratch._rows)):
+                page = theirs.window[-1][1] if theirs.window else theirs.sinks[-1]
+                if f in mine.bank:
+                    self.pool.incref(page)  # handed to target by replace_memory
+                    bank[b][f] = page
+                if f in mine.compressed:
+                    new = compress_frame(self.pool.k[:, page], self.pool.v[:, page], memory, target.grid)
+                    packed[b][f] = coarsen(new, memory, target.grid, target.dtype) if levels[b][f] == 2 else new
+            scratch.restore(base)
+        base.release()
+        scratch.reset()
+        target.replace_memory(bank, packed)
+        self.recached_memory_frames += len(held)
+
+
+def _memory_frames(cache: KVCache) -> set[int]:
+    """Frames any row's bank or compressed tier holds (none for caches without memory)."""
+    if not isinstance(cache, PagedKVCache):
+        return set()
+    return {f for r in cache._rows for f in (*r.bank, *r.compressed)}
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from streamkd.data.toyworld import ToyClipDataset, ToyWorldConfig, render
 from streamkd.models.codec import CodecConfig
 from streamkd.models.dit import DiTConfig
-from streamkd.cache.memory import MemoryConfig
+from streamkd.cache.memory import MemoryConfig, coarsen, compress_frame
 from streamkd.bundle import CausalConfig, SamplingConfig
 from streamkd.models.world import WorldModel, WorldModelConfig
 from streamkd.serve.backends import ModelBackend, StreamSpec, layout_key, rebase
@@ -107,10 +107,13 @@ def test_memory_sessions_batch_by_page_tables(guidance: float) -> None:
     assert backend.pool.in_use == 0
 
 
-def test_memory_recache_rewrites_recent_keys_and_keeps_tiers() -> None:
+def test_memory_recache_rewrites_recent_keys_and_memory_tiers() -> None:
     """The prompt re-cache of a memory checkpoint re-writes sinks + window (same prompt, nothing
-    evicted: the same keys) and leaves the memory tiers as they are (documented limitation)."""
-    model = tiny_causal_model(CausalConfig(2, 1, 4, memory=MEMORY), guidance=1.0)
+    evicted: the same keys) and every frame the bank and the compressed tier hold: each is
+    written again under the new prompt as a one-frame chunk after the re-written sinks, at its
+    own camera offset (the rule of ``ModelBackend._recache_memory``); tiers keep their frames,
+    and no page leaks."""
+    model = tiny_causal_model(CausalConfig(2, 1, 4, memory=MEMORY), guidance=2.0)
     backend = ModelBackend(model)
     stream = backend.start(_spec(0, model.cfg.world))
     for c in range(2):  # 4 frames: nothing evicted yet
@@ -120,15 +123,41 @@ def test_memory_recache_rewrites_recent_keys_and_keeps_tiers() -> None:
     k_before = cache.pool.k[:, pages()].clone()
     backend.switch_prompt(stream, PROMPTS[0])
     torch.testing.assert_close(cache.pool.k[:, pages()], k_before, atol=2e-5, rtol=0)
-    for c in range(2, 8):
+    for c in range(2, 10):
         backend.step([stream], [_actions(3, c)])
-    row = cache._rows[0]
-    bank, compressed = dict(row.bank), dict(row.compressed)
-    k_before = cache.pool.k[:, pages()].clone()
+    rows = cache._rows
+    bank, compressed = [dict(r.bank) for r in rows], [dict(r.compressed) for r in rows]
+    assert bank[0] and compressed[0] and set(stream.visible.memory) == set(bank[0]) | set(compressed[0])
+    k_before, in_use = cache.pool.k[:, pages()].clone(), cache.pool.in_use
     backend.switch_prompt(stream, PROMPTS[1])
-    row = cache._rows[0]
-    assert row.bank == bank and row.compressed == compressed
     assert not torch.allclose(cache.pool.k[:, pages()], k_before)
+    assert cache.pool.in_use == in_use  # old bank pages given back, new ones taken
+    assert backend.memory_stats(stream)["recached_memory_frames"] == len(set(bank[0]) | set(compressed[0]))
+
+    # the reference: sinks, then the memory frame, written under the new prompt into a fresh cache
+    dit, gen = model.dit, stream.gen
+    for f in sorted(set(bank[0]) | set(compressed[0])):
+        ref = dit.new_cache(batch_size=2, height=8, width=8, sink_frames=1, window_frames=4, chunk_frames=2,
+                            memory=MemoryConfig(), pool=cache.pool)
+        ref.anchor_valid_B.copy_(cache.anchor_valid_B)
+        for g, latent, action in [*stream.visible.sinks, (f, *stream.visible.memory[f])]:
+            a = torch.tensor([[action], [dit.null_action]])
+            ref.camera_last_B2.copy_(torch.tensor([rows[b].cameras[g] for b in range(2)]) - dit.action_shifts[a[:, 0]])
+            dit(latent[None].repeat(2, 1, 1, 1, 1), torch.zeros(2, 1), gen.context, a, cache=ref, write_cache=True, output=False)
+        for b in range(2):
+            page = ref._rows[b].window[-1][1]
+            if f in bank[b]:
+                assert rows[b].bank[f] != bank[b][f]  # a new page
+                torch.testing.assert_close(cache.pool.k[:, rows[b].bank[f]], cache.pool.k[:, page], atol=1e-6, rtol=0)
+            if f in compressed[b]:
+                want = compress_frame(cache.pool.k[:, page], cache.pool.v[:, page], MEMORY, cache.grid)
+                if dict(rows[b].planner.compressed)[f] == 2:
+                    want = coarsen(want, MEMORY, cache.grid, cache.dtype)
+                got, old = rows[b].compressed[f].unpack(torch.float32), compressed[b][f].unpack(torch.float32)
+                for x, y, z in zip(got, want.unpack(torch.float32), old):
+                    torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+                    assert x.shape == z.shape and not torch.equal(x, z)  # the same level, new tokens
+        ref.reset()
     frames = backend.step([stream], [1])[0]
     assert frames.shape == (2, 32, 32, 3)
 

@@ -514,6 +514,19 @@ class PagedKVCache:
             mine.window = [(f, p) for (f, _), (_, p) in zip(mine.window, theirs.window)]
         self.derived.clear()
 
+    def replace_memory(self, bank: list[dict[int, int]], compressed: list[dict[int, Packed]]) -> None:
+        """Per row, new pages for bank frames and new packed tokens for compressed frames (the
+        same frames, re-written: e.g. under a new prompt); the caller's reference to each new page
+        passes to this cache. Used by the server's prompt-switch re-cache."""
+        for r, new_bank, new_packed in zip(self._rows, bank, compressed):
+            if set(new_bank) - set(r.bank) or set(new_packed) - set(r.compressed):
+                raise ValueError("the re-written memory holds frames this cache's tiers do not")
+            for f, page in new_bank.items():
+                self.pool.decref(r.bank[f])
+                r.bank[f] = page
+            r.compressed.update(new_packed)
+        self.derived.clear()
+
     # ------------------------------------------------------------------------------------ sizes
     def tier_bytes(self) -> dict[str, int]:
         """Bytes held per tier over all rows (pages shared between rows counted once per row)."""
