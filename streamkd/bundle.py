@@ -163,6 +163,25 @@ def latent_frames(frames: int, temporal_factor: int) -> int:
     return 1 + -(-(frames - 1) // temporal_factor) if frames else 0
 
 
+def latent_actions(actions_BT: torch.Tensor, temporal_factor: int) -> torch.Tensor:
+    """Per-frame actions of pixel clips ``(B, 1 + k (F - 1))`` as the model reads them, one per
+    latent frame ``(B, F)``: latent frame 0 is pixel frame 0, latent frame ``j`` covers pixel frames
+    ``1 + k (j - 1) .. k j`` and takes the action held longest among them (the earliest on a tie)
+    -- what the camera mostly did while the frame's content was made. Identity for ``k = 1``."""
+    if temporal_factor == 1:
+        return actions_BT
+    B, T = actions_BT.shape
+    F = latent_frames(T, temporal_factor)
+    if pixel_frames(F, temporal_factor) != T:
+        raise ValueError(f"{T} frames of actions are not 1 + {temporal_factor} k: one per frame of a clip the codec encodes")
+    groups_BFk = actions_BT[:, 1:].reshape(B, F - 1, temporal_factor)
+    # the mode of each group, earliest first on a tie: count each value's occurrences, keep the
+    # first position holding the largest count
+    counts_BFkk = (groups_BFk[..., :, None] == groups_BFk[..., None, :]).sum(-1)
+    first_max = counts_BFkk.argmax(-1, keepdim=True)
+    return torch.cat([actions_BT[:, :1], groups_BFk.gather(-1, first_max)[..., 0]], 1)
+
+
 SHIPPED = Path(__file__).resolve().parent / "assets"
 """Checkpoints that ship inside the package (a few MB each), loadable by folder name."""
 

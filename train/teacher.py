@@ -22,6 +22,7 @@ pre-encoded by ``streamkd data encode``; batches come through a DataLoader (``nu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -32,11 +33,12 @@ from typing import Literal
 import torch
 
 from streamkd import distributed
-from streamkd.bundle import pixel_frames
+from streamkd.bundle import checkpoint_kind, latent_actions, load_model, pixel_frames
 from streamkd.checkpoint import latest_checkpoint, load_training_checkpoint
 from streamkd.config import from_dict, to_dict
 from streamkd.data.loader import open_training_data, step_batches
 from streamkd.data.toyworld import ToyClipDataset
+from streamkd.models.wan_model import WanOptions
 from streamkd.models.world import WorldModel, WorldModelConfig
 from streamkd.sampling.schedule import shift_sigmas
 from streamkd.distributed import DeepSpeedOptions
@@ -50,7 +52,17 @@ class TeacherTrainConfig:
     """Model, codec and toy-world shape."""
     init: str | None = None
     """Warm start: an inference checkpoint (folder or shipped name) whose weights and codec replace
-    the random init and the codec fit -- to continue training a shipped teacher."""
+    the random init and the codec fit -- to continue training a shipped teacher. A diffusers Wan
+    pipeline folder (or a Wan checkpoint saved by streamkd) fine-tunes that model instead: its DiT
+    trains, its VAE and UMT5 stay frozen, ``model`` is not used and ``data`` must name videos or
+    shards (e.g. Wan2.1 fine-tuned on videos with per-frame actions: ``add_actions``)."""
+    wan: WanOptions = field(default_factory=WanOptions)
+    """Wan init: size, horizon, text length and negative prompt a pipeline folder does not record."""
+    add_actions: int = 0
+    """Wan init: give a DiT without action conditioning an embedding of this many actions (one
+    more row for the null action, CFG's unconditional input), zero-initialised so the fine-tune
+    starts exactly at the pretrained model -- how a text-to-video teacher becomes a world model
+    that follows per-frame actions (the videos' action sidecars). 0 keeps the init's."""
     out_dir: str = "runs/teacher"
     """Run folder: checkpoints/, tensorboard/, losses.jsonl, final/ (inference checkpoint)."""
     seed: int = 0
@@ -185,9 +197,12 @@ def flow_matching_loss(
     s_b = s_bF[:, None, :, None, None]
     x_t = (1 - s_b) * x0 + s_b * noise
     target = noise - x0
-    prompts = ["" if d else p for p, d in zip(batch["prompt"], drop_prompt[rows].tolist())]
-    actions = batch["actions"].clone()  # host data, as the DiT expects
-    actions[drop_actions[rows]] = model.dit.null_action
+    # CFG's unconditional prompt: the one sampling uses (toy: empty; Wan: the negative prompt)
+    prompts = [model.null_prompt if d else p for p, d in zip(batch["prompt"], drop_prompt[rows].tolist())]
+    actions = None
+    if model.num_actions:  # host data, as the DiT expects; a model without actions ignores the clips'
+        actions = latent_actions(batch["actions"], model.codec.temporal_factor).clone()  # one per latent frame
+        actions[drop_actions[rows]] = model.dit.null_action
     v = model.dit(x_t, 1000.0 * s_bF, model.encode_prompts(prompts), actions)
     weight_BF = torch.ones(B, num_f)
     weight_BF[i2v, 0] = 0.0
@@ -206,26 +221,11 @@ class TeacherTrainer:
         self.device = cfg.runtime.torch_device()
         self.dist = distributed.init(self.device, cfg.parallel)
         torch.manual_seed(cfg.seed)
-        self.model = WorldModel(cfg.model)
-        self.ema = WorldModel(cfg.model).requires_grad_(False)
-        if cfg.init:
-            start = WorldModel.load(cfg.init)
-            # action_shifts and rope_theta say how positions are computed, not what weights exist:
-            # a checkpoint may be continued with other positions (it has to re-learn to use them)
-            # anchor_warp adds input channels: they start at zero, so the warm start is exact
-            dit = cfg.model.dit
-            positions = {"action_shifts": dit.action_shifts, "rope_theta": dit.rope_theta, "anchor_warp": dit.anchor_warp}
-            same_dit = dataclasses.replace(start.cfg.dit, **positions) == dit
-            if not same_dit or start.cfg.codec != cfg.model.codec or (start.cfg.dit.anchor_warp and not dit.anchor_warp):
-                raise ValueError(f"init checkpoint {cfg.init} has another model.dit/model.codec shape than this config")
-            weights = start.state_dict()
-            w = weights["dit.patch_embed.weight"]
-            if w.shape[1] < dit.embed_channels:
-                weights["dit.patch_embed.weight"] = torch.cat([w, w.new_zeros(w.shape[0], dit.embed_channels - w.shape[1], *w.shape[2:])], 1)
-            self.model.load_state_dict(weights)
+        if cfg.init and checkpoint_kind(cfg.init) != "toy":
+            self.model = self._wan_init()
+            self.ema = copy.deepcopy(self.model).requires_grad_(False)
         else:
-            self._fit_codec()  # deterministic, so every rank fits the same codec
-        self.ema.load_state_dict(self.model.state_dict())
+            self._toy_init()
         # device, checkpointing, compile, then FSDP2 (the EMA stays fp32 and whole-model), then the optimizer
         prepare(self.model, cfg.runtime, trainable=True)
         place(self.ema, self.device)
@@ -247,6 +247,46 @@ class TeacherTrainer:
         self.out = Path(cfg.out_dir)
 
     # --------------------------------------------------------------------------------- state
+    def _toy_init(self) -> None:
+        """The toy world's teacher: fresh (codec fitted first) or warm-started from ``init``."""
+        cfg = self.cfg
+        self.model = WorldModel(cfg.model)
+        self.ema = WorldModel(cfg.model).requires_grad_(False)
+        if cfg.init:
+            start = WorldModel.load(cfg.init)
+            # action_shifts and rope_theta say how positions are computed, not what weights exist:
+            # a checkpoint may be continued with other positions (it has to re-learn to use them)
+            # anchor_warp adds input channels: they start at zero, so the warm start is exact
+            dit = cfg.model.dit
+            positions = {"action_shifts": dit.action_shifts, "rope_theta": dit.rope_theta, "anchor_warp": dit.anchor_warp}
+            same_dit = dataclasses.replace(start.cfg.dit, **positions) == dit
+            if not same_dit or start.cfg.codec != cfg.model.codec or (start.cfg.dit.anchor_warp and not dit.anchor_warp):
+                raise ValueError(f"init checkpoint {cfg.init} has another model.dit/model.codec shape than this config")
+            weights = start.state_dict()
+            w = weights["dit.patch_embed.weight"]
+            if w.shape[1] < dit.embed_channels:
+                weights["dit.patch_embed.weight"] = torch.cat([w, w.new_zeros(w.shape[0], dit.embed_channels - w.shape[1], *w.shape[2:])], 1)
+            self.model.load_state_dict(weights)
+        else:
+            self._fit_codec()  # deterministic, so every rank fits the same codec
+        self.ema.load_state_dict(self.model.state_dict())
+
+    def _wan_init(self):
+        """A Wan bundle to fine-tune (``init``), with ``add_actions`` actions when asked."""
+        cfg = self.cfg
+        if cfg.data is None:
+            raise ValueError(f"init {cfg.init} is a Wan model: fine-tuning it needs videos or shards (data=); the toy "
+                             "world renders only for toy teachers")
+        base = load_model(cfg.init, wan=cfg.wan if cfg.wan.given() else None)
+        if not cfg.add_actions:
+            return base.train()
+        if base.num_actions:
+            raise ValueError(f"add_actions={cfg.add_actions}: {cfg.init} already takes {base.num_actions} actions; set add_actions: 0")
+        model = base.like(dataclasses.replace(base.cfg, dit=dataclasses.replace(base.cfg.dit, num_actions=cfg.add_actions)))
+        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+        assert not unexpected and missing == ["dit.action_embed.weight"], (missing, unexpected)
+        return model.train()  # the new embedding is zero-initialised (DiT): step 0 is the pretrained model
+
     def _fit_codec(self) -> None:
         fit_data = ToyClipDataset(self.cfg.model.world, 4, base_seed=self.cfg.seed + 1)
         frames = torch.stack([fit_data[i]["frames"] for i in range(self.cfg.codec_fit_clips)])
@@ -267,8 +307,8 @@ class TeacherTrainer:
     def _batches(self, start: int, end: int):
         """Batches of steps start .. end - 1 (item k of step s: sample s * batch_size + k)."""
         cfg = self.cfg
-        num_frames = pixel_frames(cfg.model.horizon_frames, self.model.codec.temporal_factor)
-        return step_batches(self.data, cfg.batch_size, start, end, num_frames, cfg.model.dit.num_actions,
+        num_frames = pixel_frames(self.model.horizon_frames, self.model.codec.temporal_factor)
+        return step_batches(self.data, cfg.batch_size, start, end, num_frames, self.model.num_actions,
                             cfg.num_workers, cfg.prefetch_factor, rows=self.dist.rows(cfg.batch_size))
 
     def _lr(self, step: int) -> float:
@@ -320,7 +360,7 @@ class TeacherTrainer:
         if self.step >= cfg.max_steps:
             ema_sd, _ = distributed.full_state(self.ema)
             if self.dist.is_main:
-                final = WorldModel(cfg.model)
+                final = self.model.like(self.model.cfg)
                 final.load_state_dict(ema_sd)
-                final.save(self.out / "final")
+                final.eval().save(self.out / "final")
         return losses

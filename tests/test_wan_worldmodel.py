@@ -1,0 +1,109 @@
+"""A Wan2.1 teacher becomes an action-conditioned world model: fine-tuned on videos with per-frame
+actions (``streamkd train teacher init=<pipeline folder> data=<videos> add_actions=N``).
+
+Tiny random diffusers components built here, toy-world videos (with their action sidecars) at the
+tiny pipeline's size; nothing downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamkd.bundle import load_model
+from streamkd.cli import main
+from streamkd.data.video import write_toy_videos
+from streamkd.models.tiny_wan import make_tiny_wan
+from streamkd.models.wan_model import WanOptions
+from streamkd.train.teacher import TeacherTrainConfig, TeacherTrainer
+
+WAN = WanOptions(height=32, width=48, horizon_frames=3, max_text_length=48)
+PIXEL_FRAMES = 9  # 1 + 4 (3 - 1): the tiny pipeline's horizon through the Wan VAE
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("wan-world")
+    folder = make_tiny_wan(root / "tiny-wan")
+    videos = root / "videos"
+    write_toy_videos(videos, 4, num_frames=PIXEL_FRAMES)
+    return folder, videos
+
+
+def _cfg(folder: Path, videos: Path, out: Path, **changes) -> TeacherTrainConfig:
+    base = dict(init=str(folder), wan=WAN, data=str(videos), add_actions=5, out_dir=str(out), batch_size=2, max_steps=2,
+                lr=1e-3, warmup_steps=1, ckpt_every=1, log_every=1, tensorboard=False, i2v_prob=0.5)
+    return TeacherTrainConfig(**{**base, **changes})
+
+
+def test_fine_tune_adds_actions_starting_at_the_pretrained_model(setup, tmp_path: Path) -> None:
+    folder, videos = setup
+    trainer = TeacherTrainer(_cfg(folder, videos, tmp_path / "run"))
+    base = load_model(str(folder), wan=WAN)
+    model = trainer.model
+    assert model.num_actions == 5 and not base.num_actions
+    # only the DiT trains: the VAE and UMT5 are frozen and outside the module tree
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"dit"}
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, base.codec.latent_channels, 3, *base.latent_hw, generator=gen)
+    t, ctx = torch.full((1,), 500.0), base.encode_prompts(["a road through a forest"])
+    with torch.no_grad():  # the zero-initialised action embedding: step 0 is the pretrained model, any action
+        want = base.dit(x, t, ctx)
+        for action in range(5):
+            torch.testing.assert_close(model.dit(x, t, ctx, torch.full((1, 3), action)), want, atol=0, rtol=0)
+
+    losses = trainer.train(progress=False)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    final = load_model(str(tmp_path / "run" / "final"))
+    assert type(final).__name__ == "WanModel" and final.num_actions == 5
+    assert final.cfg.pipeline == str(folder.resolve())  # the student-style checkpoint names its pipeline folder
+    assert final.dit.action_embed.weight.abs().sum() > 0  # the actions of the videos trained it
+    with torch.no_grad():
+        left, right = (final.dit(x, t, ctx, torch.full((1, 3), a)) for a in (3, 4))
+    assert not torch.equal(left, right)  # the fine-tuned teacher follows actions
+
+
+def test_fine_tune_resumes_exactly(setup, tmp_path: Path) -> None:
+    folder, videos = setup
+    full = TeacherTrainer(_cfg(folder, videos, tmp_path / "a", max_steps=3)).train(progress=False)
+    TeacherTrainer(_cfg(folder, videos, tmp_path / "b", max_steps=3)).train(stop_after=1, progress=False)
+    rest = TeacherTrainer(_cfg(folder, videos, tmp_path / "b", max_steps=3)).train(progress=False)
+    assert full[1:] == rest
+
+
+def test_fine_tuned_world_model_generates_with_actions(setup, tmp_path: Path) -> None:
+    folder, videos = setup
+    TeacherTrainer(_cfg(folder, videos, tmp_path / "run", max_steps=1)).train(progress=False)
+    out = tmp_path / "walk.mp4"
+    assert main(["generate", "--checkpoint", str(tmp_path / "run" / "final"), "--prompt", "a path in the snow",
+                 "--actions", "right:2,up:1", "--frames", str(PIXEL_FRAMES), "--steps", "2", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+
+
+def test_fine_tune_refuses_what_it_cannot_do(setup, tmp_path: Path) -> None:
+    folder, videos = setup
+    with pytest.raises(ValueError, match="fine-tuning it needs videos or shards"):
+        TeacherTrainer(_cfg(folder, videos, tmp_path / "a", data=None))
+    TeacherTrainer(_cfg(folder, videos, tmp_path / "b", max_steps=1)).train(progress=False)
+    with pytest.raises(ValueError, match="already takes 5 actions; set add_actions: 0"):
+        TeacherTrainer(_cfg(tmp_path / "b" / "final", videos, tmp_path / "c"))
+    # a clip whose actions do not fit the model's vocabulary stops the batch, naming it
+    bad = tmp_path / "bad"
+    write_toy_videos(bad, 2, num_frames=PIXEL_FRAMES)
+    sidecar = sorted(bad.glob("*.actions.json"))[0]
+    sidecar.write_text(json.dumps([7] * len(json.loads(sidecar.read_text()))))
+    with pytest.raises(ValueError, match="action 7"):
+        TeacherTrainer(_cfg(folder, bad, tmp_path / "d", max_steps=1)).train(progress=False)
+
+
+def test_latent_actions_take_each_latent_frames_most_held_action() -> None:
+    from streamkd.bundle import latent_actions
+
+    pixel = torch.tensor([[2, 1, 1, 3, 3, 4, 4, 4, 0], [0, 0, 0, 0, 0, 1, 2, 3, 4]])  # 9 frames: 3 latent frames at k = 4
+    assert latent_actions(pixel, 4).tolist() == [[2, 1, 4], [0, 0, 1]]  # ties: the earliest held
+    assert torch.equal(latent_actions(pixel, 1), pixel)
+    with pytest.raises(ValueError, match="not 1 \\+ 4 k"):
+        latent_actions(pixel[:, :8], 4)
