@@ -187,7 +187,7 @@ def _read_image(path: str, frame_hw: tuple[int, int]):
     scale = max(H / image.height, W / image.width)
     image = image.resize((max(W, round(image.width * scale)), max(H, round(image.height * scale))), Image.BICUBIC)
     left, top = (image.width - W) // 2, (image.height - H) // 2
-    return np.asarray(image.crop((left, top, left + W, top + H)), dtype=np.uint8)
+    return np.array(image.crop((left, top, left + W, top + H)), dtype=np.uint8)  # a writable copy (torch.from_numpy)
 
 
 def cmd_make_tiny_wan(args) -> None:

@@ -107,3 +107,44 @@ def test_latent_actions_take_each_latent_frames_most_held_action() -> None:
     assert torch.equal(latent_actions(pixel, 1), pixel)
     with pytest.raises(ValueError, match="not 1 \\+ 4 k"):
         latent_actions(pixel[:, :8], 4)
+
+
+def test_world_model_chain_from_videos(setup, tmp_path: Path) -> None:
+    """Fine-tuned action teacher -> ODE pairs on the videos (first frames, actions) -> ODE init ->
+    self-forcing DMD on the videos -> a causal student that streams with live actions."""
+    from streamkd.bundle import CausalConfig, latent_actions
+    from streamkd.distill.ode_pairs import ODEPairsConfig, ODEPairStore, generate_ode_pairs
+    from streamkd.train.distill import DistillConfig, DistillTrainer
+
+    folder, videos = setup
+    TeacherTrainer(_cfg(folder, videos, tmp_path / "teacher", max_steps=1)).train(progress=False)
+    teacher = str(tmp_path / "teacher" / "final")
+    generate_ode_pairs(ODEPairsConfig(teacher=teacher, data=str(videos), out_dir=str(tmp_path / "pairs"), num_clips=2,
+                                      shard_clips=2, num_steps=4, keep_sigmas=[1.0, 0.5]), progress=False)
+    store = ODEPairStore(tmp_path / "pairs")
+    sidecars = sorted(videos.glob("*.actions.json"))[:2]
+    want = latent_actions(torch.tensor([json.loads(p.read_text()) for p in sidecars]), 4)
+    assert torch.equal(store.actions[:2], want) and store.first_given
+    common = dict(teacher=teacher, causal=CausalConfig(chunk_frames=1, sink_frames=1, window_frames=1), sigmas=[1.0, 0.5],
+                  max_steps=1, batch_size=2, tensorboard=False, ckpt_every=1, log_every=1)
+    DistillTrainer(DistillConfig(method="ode", ode_pairs=str(tmp_path / "pairs"), out_dir=str(tmp_path / "ode"), **common)
+                   ).train(progress=False)
+    DistillTrainer(DistillConfig(method="dmd", init=str(tmp_path / "ode" / "final"), data=str(videos), critic_ratio=1,
+                                 out_dir=str(tmp_path / "dmd"), **common)).train(progress=False)
+    student = load_model(str(tmp_path / "dmd" / "final"))
+    assert student.is_causal and student.num_actions == 5
+    out = tmp_path / "stream.mp4"
+    assert main(["generate", "--checkpoint", str(tmp_path / "dmd" / "final"), "--prompt", "a path in the snow",
+                 "--image", str(_first_frame_png(videos, tmp_path)), "--actions", "right:3,up:2", "--frames", "13",
+                 "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+
+
+def _first_frame_png(videos: Path, tmp_path: Path) -> Path:
+    from PIL import Image
+
+    from streamkd.media.video import read_video
+
+    path = tmp_path / "first.png"
+    Image.fromarray(read_video(sorted(videos.glob("*.mp4"))[0])[0]).save(path)
+    return path

@@ -61,8 +61,16 @@ class DistillConfig:
     """Teacher checkpoint (folder or shipped name, or a diffusers Wan pipeline folder); also the
     default student/critic init."""
     prompts: str | None = None
-    """dmd: prompt file (.txt, one per line, or .jsonl) the rollouts are conditioned on; None: the
-    teacher's own conditions (the toy world's clips). Text-to-video teachers (Wan) need one."""
+    """dmd: prompt file (.txt, one per line, or .jsonl) the rollouts are conditioned on; None:
+    ``data``'s clips, or the teacher's own conditions (the toy world's clips). Text-to-video
+    teachers (Wan) need one of the two."""
+    data: str | None = None
+    """dmd: clips the rollouts are conditioned on instead of a prompt file (image-to-video): a
+    folder or .csv/.jsonl manifest of captioned videos, or a shard folder made by ``streamkd data
+    encode``. Each rollout starts from its clip's first frame (given, held clean), under its
+    caption and, for a teacher that takes actions, its actions (per source frame; clips must then
+    cover ``rollout_frames``) -- ``ClipConditions`` in ``streamkd.data.prompts``, docs/data.md.
+    Method ode reads ``ode_pairs`` (sample those with ``data`` instead)."""
     prompt_cache: str | None = None
     """Folder of cached prompt embeddings (Wan teachers): every prompt of ``prompts`` goes through
     UMT5 once, before the first step, and is read from disk after (``streamkd.models.text``)."""
@@ -99,9 +107,10 @@ class DistillConfig:
     frame (its anchor: ``window_anchor``): the student learns from the states its own long rollouts
     reach, at flat memory."""
     rollout_actions: Literal["random", "tethered"] = "random"
-    """dmd: the rollouts' camera moves. random: the toy world's piecewise-constant moves (the
-    camera wanders off); tethered: the same moves turned back half a frame from the start, so the
-    camera keeps returning to what frame 0 showed (the long-horizon case where the start matters)."""
+    """dmd: the rollouts' camera moves. random: the clips' own (the toy world's piecewise-constant
+    moves: the camera wanders off; ``data``'s recorded actions); tethered: the toy world's moves
+    turned back half a frame from the start, so the camera keeps returning to what frame 0 showed
+    (the long-horizon case where the start matters)."""
     window_anchor: Literal["stream", "window"] = "stream"
     """dmd, anchor_warp teachers, rollouts longer than the horizon: what the teacher and critic see
     as the anchor of the scored window. stream: the stream's true first frame at its camera offset
@@ -178,6 +187,16 @@ class DistillConfig:
                 f"rollout_actions must be 'random' or 'tethered' (got {self.rollout_actions!r}) and window_anchor "
                 f"'stream' or 'window' (got {self.window_anchor!r})"
             )
+        if self.data is not None and self.prompts is not None:
+            raise ValueError("prompts and data are both set; choose one: prompts (text-to-video) or data (image-to-video "
+                             "from the clips' first frames; their captions are the prompts), and set the other to null")
+        if self.data is not None and self.method != "dmd":
+            raise ValueError("data conditions dmd rollouts; method ode trains on ode_pairs: set data: null here and sample "
+                             "the pairs from the clips instead (streamkd distill ode-pairs ... data=<clips>)")
+        if self.data is not None and (self.rollout_actions != "random" or self.revisit_share > 0):
+            raise ValueError("rollout_actions: tethered and revisit_share > 0 replace the clips' actions with toy-world "
+                             "camera moves; with data the rollouts follow the clips' recorded actions: set "
+                             "rollout_actions: random and revisit_share: 0")
         if self.student_layers is not None and (
             not self.student_layers or min(self.student_layers) < 0 or len(set(self.student_layers)) != len(self.student_layers)
         ):
@@ -263,10 +282,17 @@ class DistillTrainer:
         self.student.train()
         # the text encoder is the teacher's and stays frozen, as a real teacher's does
         self.student.text_encoder.requires_grad_(False)
+        if cfg.method == "dmd":  # before the prompt cache, which encodes the source's prompts (or captions) up front
+            self.rollout_frames = cfg.rollout_frames or self.teacher.horizon_frames
+            self.data = condition_source(self.teacher, cfg.prompts, self.rollout_frames, cfg.seed + 100, cfg.data)
         if cfg.prompt_cache is not None:  # shared with the student and critic through the frozen components
             from streamkd.data.prompts import PromptDataset
 
-            self.teacher.use_prompt_cache(cfg.prompt_cache, PromptDataset(cfg.prompts).prompts if cfg.prompts else ())
+            if cfg.method == "dmd":
+                listed = getattr(self.data, "prompts", ())  # the prompt file's, or the clips' captions
+            else:
+                listed = PromptDataset(cfg.prompts).prompts if cfg.prompts else ()
+            self.teacher.use_prompt_cache(cfg.prompt_cache, listed)
         self.ema = copy.deepcopy(self.student).requires_grad_(False)
         self.critic = copy.deepcopy(self.teacher).requires_grad_(True).train() if cfg.method == "dmd" else None
         # devices, precision, checkpointing, compile, then FSDP2 -- from outside the model code,
@@ -290,8 +316,6 @@ class DistillTrainer:
             self.critic_opt = distributed.Optimized(self.critic, [{"params": list(self.critic.parameters())}], lr=cfg.critic_lr,
                                                     **optimized)
             self.trainables["critic"] = self.critic_opt
-            self.rollout_frames = cfg.rollout_frames or self.teacher.horizon_frames
-            self.data = condition_source(self.teacher, cfg.prompts, self.rollout_frames, cfg.seed + 100)
             if cfg.memory_weight > 0 and self.teacher.conditions(1, 0) is None:
                 raise ValueError("memory_weight > 0 needs ground-truth revisits (the toy world renders them); this teacher "
                                  "has none: set memory_weight: 0")
@@ -411,13 +435,13 @@ class DistillTrainer:
         """The rollouts' actions: the clips' own, or tethered moves drawn from each clip's seed
         (frame 0 does not depend on the actions, so the clip start is unchanged); the first
         ``revisit_share`` of the global batch's rows follow revisit trajectories instead."""
-        from streamkd.data.toyworld import tethered_actions  # camera moves of the toy world, whose clips carry actions
-
-        world, T = self.teacher.cfg.world, batch["actions"].shape[1]
+        T = batch["actions"].shape[1]
         if self.cfg.rollout_actions == "random":
             actions = batch["actions"].clone()
-        else:
-            actions = torch.stack([torch.from_numpy(tethered_actions(np.random.default_rng(seed), T, world))
+        else:  # toy-world camera moves (DistillConfig refuses tethered with data, whose clips are no toy world)
+            from streamkd.data.toyworld import tethered_actions
+
+            actions = torch.stack([torch.from_numpy(tethered_actions(np.random.default_rng(seed), T, self.teacher.cfg.world))
                                    for seed in batch["seed"]])
         revisits = round(self.cfg.revisit_share * self.cfg.batch_size)
         first_row = self.rows.start or 0

@@ -274,6 +274,18 @@ class LatentShardDataset(Dataset):
     def __len__(self) -> int:
         return self.index["clips"]
 
+    def all_prompts(self) -> list[str]:
+        """Every clip's prompt, in order, from the shards' headers (no tensor is read)."""
+        for k, name in enumerate(self.index["shards"]):
+            if k not in self._prompts:
+                try:
+                    with safe_open(str(self.folder / name), "pt") as f:
+                        self._prompts[k] = json.loads(f.metadata()["prompts"])
+                except (SafetensorError, OSError) as e:
+                    raise ValueError(f"cannot read shard {self.folder / name} ({e}); it is corrupt: delete it and rerun "
+                                     "streamkd data encode into the same folder to rewrite it") from None
+        return [prompt for k in range(len(self.index["shards"])) for prompt in self._prompts[k]]
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} clips")

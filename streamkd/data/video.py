@@ -133,6 +133,9 @@ class VideoClipDataset(torch.utils.data.Dataset):
         decoder: ``"auto"`` (decord if importable, else PyAV), ``"decord"`` or ``"av"``.
         on_error: ``"raise"`` fails on the first bad entry; ``"skip"`` leaves it out
             and records ``path -> reason`` in :attr:`skipped`.
+        first_frame_only: items hold clip frame 0 alone, ``frames`` uint8 (1, H, W, 3), and
+            only it is decoded (the image condition of distillation needs no more); the clip's
+            length is still checked and ``actions`` still cover all ``num_frames``.
     """
 
     def __init__(
@@ -145,6 +148,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         stride: int = 1,
         decoder: str = "auto",
         on_error: str = "raise",
+        first_frame_only: bool = False,
     ) -> None:
         for name, value in (("num_frames", num_frames), ("height", height), ("width", width), ("stride", stride)):
             if not (isinstance(value, int) and value >= 1):
@@ -161,6 +165,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.fps = None if fps is None else Fraction(fps).limit_denominator(1_000_000)
         self.decoder = "decord" if decoder == "decord" or (decoder == "auto" and _HAVE_DECORD) else "av"
         self.on_error = on_error
+        self.first_frame_only = first_frame_only
         self.skipped: dict[str, str] = {}
         # (path, caption, source frame indices, clip actions or None) per usable file.
         self._items: list[tuple[Path, str, list[int], np.ndarray | None]] = []
@@ -340,6 +345,11 @@ class VideoClipDataset(torch.utils.data.Dataset):
 
     # -- Dataset ---------------------------------------------------------------
 
+    @property
+    def captions(self) -> list[str]:
+        """Every usable video's caption, in item order."""
+        return [caption for _, caption, _, _ in self._items]
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -348,7 +358,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
             # Negative indices would make "seed" disagree with the item's position.
             raise IndexError(f"index {i} out of range for {len(self._items)} videos")
         path, caption, indices, actions = self._items[i]
-        frames_THWC = torch.from_numpy(self._decode(path, indices))
+        frames_THWC = torch.from_numpy(self._decode(path, indices[:1] if self.first_frame_only else indices))
         item = {
             "frames": _resize_center_crop(frames_THWC, self.height, self.width),
             "prompt": caption,

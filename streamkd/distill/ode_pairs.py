@@ -1,7 +1,8 @@
 """ODE pairs: points of the teacher's sampling trajectories, the data of ODE-regression init.
 
 For each training condition (prompt, and when the source gives them a first frame and actions:
-the toy world's train split, or a prompt file for text-to-video, ``streamkd.data.prompts``) the
+the toy world's train split, or real clips -- ``data``: videos or shards, image-to-video -- or a
+prompt file for text-to-video, ``streamkd.data.prompts``) the
 teacher integrates its flow ODE from pure noise with many Euler steps (CFG as configured), and we
 keep the latents at the student's noise levels plus the end point:
 
@@ -45,8 +46,15 @@ class ODEPairsConfig:
     teacher: str = "toy-teacher"
     """Teacher checkpoint (folder or shipped name, or a diffusers Wan pipeline folder)."""
     prompts: str | None = None
-    """Prompt file (.txt, one per line, or .jsonl) to sample on; None: the teacher's own
-    conditions (the toy world's train clips). Text-to-video teachers (Wan) need one."""
+    """Prompt file (.txt, one per line, or .jsonl) to sample on; None: ``data``'s clips, or the
+    teacher's own conditions (the toy world's train clips). Text-to-video teachers (Wan) need one
+    of the two."""
+    data: str | None = None
+    """Clips to sample on instead of a prompt file (image-to-video): a folder or .csv/.jsonl
+    manifest of captioned videos, or a shard folder made by ``streamkd data encode``. Each
+    trajectory's frame 0 is held at its clip's encoded first frame; its caption is the prompt, its
+    actions (per source frame) drive a teacher that takes actions (``ClipConditions`` in
+    ``streamkd.data.prompts``; docs/data.md). Clips are cycled when ``num_clips`` exceeds them."""
     prompt_cache: str | None = None
     """Folder of cached prompt embeddings (Wan teachers): every prompt of ``prompts`` goes through
     UMT5 once, before the first step, and is read from disk after (``streamkd.models.text``)."""
@@ -76,6 +84,9 @@ class ODEPairsConfig:
     def __post_init__(self) -> None:
         if self.num_clips < 1 or self.shard_clips < 1:
             raise ValueError("num_clips and shard_clips must be >= 1")
+        if self.prompts is not None and self.data is not None:
+            raise ValueError("prompts and data are both set; choose one: prompts (text-to-video) or data (image-to-video "
+                             "from the clips' first frames; their captions are the prompts), and set the other to null")
         if self.sampler not in ("euler", "few_step"):
             raise ValueError(f"sampler must be 'euler' or 'few_step', got {self.sampler!r}")
         grid = self.make_sampler().sigmas
@@ -140,7 +151,7 @@ def generate_ode_pairs(cfg: ODEPairsConfig, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     teacher = prepare(load_model(cfg.teacher, wan=cfg.wan if cfg.wan.given() else None), cfg.runtime, trainable=False)
-    data = condition_source(teacher, cfg.prompts, teacher.horizon_frames, cfg.base_seed)
+    data = condition_source(teacher, cfg.prompts, teacher.horizon_frames, cfg.base_seed, cfg.data)
     if cfg.prompt_cache is not None:
         teacher.use_prompt_cache(cfg.prompt_cache, getattr(data, "prompts", ()))
     num_shards = -(-cfg.num_clips // cfg.shard_clips)

@@ -287,7 +287,7 @@ class WanModel(nn.Module):
         return self.cfg.causal is not None
 
     def conditions(self, num_frames: int, base_seed: int) -> None:
-        """None: Wan distils on a prompt file (``prompts=``), it has no built-in conditions."""
+        """None: Wan distils on a prompt file (``prompts=``) or on clips (``data=``); it has no built-in conditions."""
         return None
 
     def check_prompt(self, prompt: str) -> str:
