@@ -110,6 +110,23 @@ def test_decord_matches_pyav(clip_file: Path) -> None:
     assert torch.equal(from_av, from_decord)
 
 
+@pytest.mark.skipif(not video_mod._HAVE_DECORD, reason="decord not installed")
+def test_decord_refusing_padded_rows_reads_the_file_with_pyav(tmp_path: Path, caplog) -> None:
+    """At widths whose RGB rows FFmpeg pads (48 px), decord refuses a valid file ("must exactly
+    match"); the dataset reads that file with PyAV, which gives the same frames, and says so."""
+    import dataclasses
+
+    from streamkd.data.toyworld import ToyWorldConfig
+    from streamkd.data.video import write_toy_videos
+
+    write_toy_videos(tmp_path, 1, num_frames=5, world=dataclasses.replace(ToyWorldConfig(), frame_size=48))
+    kwargs = dict(num_frames=5, height=48, width=48)
+    with caplog.at_level("WARNING"):
+        from_decord = VideoClipDataset(tmp_path, decoder="decord", **kwargs)[0]["frames"]
+    assert "reading it with PyAV" in caplog.text
+    assert torch.equal(from_decord, VideoClipDataset(tmp_path, decoder="av", **kwargs)[0]["frames"])
+
+
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_truncated_file_is_rejected(tmp_path: Path, decoder: str) -> None:
     path = write_video(tmp_path / "broken.mp4")

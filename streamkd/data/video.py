@@ -27,6 +27,7 @@ were constant-rate at their average rate.
 from __future__ import annotations
 
 import csv
+import logging
 import json
 import math
 import os
@@ -41,6 +42,8 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from streamkd.data.toyworld import ToyWorldConfig
+
+log = logging.getLogger(__name__)
 
 __all__ = ["VIDEO_EXTENSIONS", "VideoClipDataset", "clip_frame_indices", "write_toy_videos"]
 
@@ -167,6 +170,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.on_error = on_error
         self.first_frame_only = first_frame_only
         self.skipped: dict[str, str] = {}
+        self._pyav_only: set[Path] = set()  # files decord refuses at their width (see _decode)
         # (path, caption, source frame indices, clip actions or None) per usable file.
         self._items: list[tuple[Path, str, list[int], np.ndarray | None]] = []
 
@@ -318,12 +322,18 @@ class VideoClipDataset(torch.utils.data.Dataset):
 
     def _decode(self, path: Path, indices: list[int]) -> np.ndarray:
         """RGB uint8 (T, H, W, 3) frames at ``indices`` (sorted, possibly repeated)."""
-        if self.decoder == "decord":
+        if self.decoder == "decord" and path not in self._pyav_only:
             try:
                 reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
                 return reader.get_batch(indices).asnumpy()
-            except RuntimeError as err:
-                raise ValueError(f"failed to decode {str(path)!r} ({err}); the file is corrupt, re-encode or remove it") from err
+            except (RuntimeError, decord.DECORDError) as err:
+                if "must exactly match" not in str(err):
+                    raise ValueError(f"failed to decode {str(path)!r} ({err}); the file is corrupt, re-encode or remove it") from err
+                # decord copies frames assuming rows without padding; at widths whose RGB rows
+                # FFmpeg pads (e.g. 48 px: 144 bytes padded to 192) it refuses a valid file. PyAV
+                # gives the same frames (tests/test_video_dataset.py): this file is read with it.
+                log.warning("decord cannot copy the frames of %s (padded rows); reading it with PyAV", path)
+                self._pyav_only.add(path)
         wanted = set(indices)
         last = indices[-1]
         by_index: dict[int, np.ndarray] = {}
