@@ -36,29 +36,39 @@ def _peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
+STREAM_PROMPTS = {"toy": "forest with red squares", "wan": "a red car drives through a forest at sunset"}
+"""The prompt ``bench stream`` streams, per kind of bundle (the toy grammar; free text for Wan)."""
+
+
 def bench_stream(
-    model: WorldModel,
+    model,
     sampling: SamplingConfig,
     causal: CausalConfig | None,
     milestones: list[int] = (100, 1000, 10000),
     window: int = 100,
     seed: int = 0,
+    prompt: str | None = None,
 ) -> dict:
+    """Latency and memory of one stream against its length (``milestones`` in latent frames), for
+    any causal bundle: toy (from the episode's first frame, random camera actions) or Wan
+    (text-to-video from ``prompt``; actions only if the model takes them)."""
     if causal is None:
         raise ValueError("bench stream measures the causal chunk loop: use a causal checkpoint or pass --causal")
-    prompt = "forest with red squares"
+    prompt = prompt or STREAM_PROMPTS[getattr(model.cfg, "kind", "toy")]
     stream = StreamGenerator(model, sampling.make(), causal=causal, guidance_scale=sampling.guidance_scale)
-    stream.reset([prompt], torch.from_numpy(first_frame_for(model, seed, prompt))[None], torch.Generator().manual_seed(seed))
+    first = first_frame_for(model, seed, prompt)
+    stream.reset([prompt], None if first is None else torch.from_numpy(first)[None], torch.Generator().manual_seed(seed))
     F = causal.chunk_frames
     total = max(milestones)
-    actions = torch.from_numpy(random_actions(np.random.default_rng(seed), total + F))
+    actions = torch.from_numpy(random_actions(np.random.default_rng(seed), total + F)) if model.num_actions else None
     chunk_ms: list[float] = []
+    frames_out = 0
     latency, rss = {}, {}
     targets = sorted(milestones)
     done = 0
     while targets:
         t0 = time.perf_counter()
-        stream.decode(stream.next_chunk(actions[done : done + F][None]))
+        frames_out += stream.decode(stream.next_chunk(None if actions is None else actions[done : done + F][None])).shape[1]
         chunk_ms.append(1000 * (time.perf_counter() - t0))
         done += F
         if done >= targets[0]:
@@ -73,9 +83,12 @@ def bench_stream(
         "latency_ratio_last_vs_first": latency[last] / latency[first],
         "rss_ratio_last_vs_first": rss[last] / rss[first],
         "cache_mb": stream.cache.nbytes / 2**20,
-        "fps_end_to_end_steady": 1000 * F / float(np.mean(chunk_ms[len(chunk_ms) // 10 :])),
+        # RGB frames per chunk: F for the toy codec, temporal_factor x F for Wan's VAE past the first chunk
+        "fps_end_to_end_steady": 1000 * F * model.codec.temporal_factor / float(np.mean(chunk_ms[len(chunk_ms) // 10 :])),
+        "frames_out": frames_out,
         "counts": (
-            f"latency_ms: wall time per chunk of {F} frames ({sampler_passes(sampling)} denoising passes + 1 cache write "
+            f"latency_ms: wall time per chunk of {F} latent frames ({F * model.codec.temporal_factor} RGB frames once "
+            f"streaming; {sampler_passes(sampling)} denoising passes + 1 cache write "
             f"+ decode), median of the last {window} chunks before each milestone (median: one descheduled chunk on "
             f"a shared 2-core machine must not move the figure); peak_rss_mb: process peak RSS so far"
         ),

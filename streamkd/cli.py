@@ -398,11 +398,9 @@ def cmd_bench(args) -> None:
 
     table = None  # the memory benches print a markdown table; the others their JSON
     if args.what == "stream":
-        from streamkd.models.world import WorldModel
-
         if not args.checkpoint:
             raise ValueError("bench stream needs --checkpoint FOLDER")
-        model = _placed(args, WorldModel.load(args.checkpoint))
+        model = _load(args, args.checkpoint)  # any causal bundle: toy or a Wan student
         sampling, causal = _sampling(args, model)
         result = bench.bench_stream(model, sampling, causal, milestones=args.milestones or [100, 1000, 10000])
     elif args.what == "memory":

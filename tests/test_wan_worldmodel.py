@@ -138,6 +138,21 @@ def test_world_model_chain_from_videos(setup, tmp_path: Path) -> None:
                  "--image", str(_first_frame_png(videos, tmp_path)), "--actions", "right:3,up:2", "--frames", "13",
                  "--out", str(out)]) == 0
     assert out.stat().st_size > 0
+    # bench stream takes the Wan student too: latency / memory against length, RGB frames counted
+    result = tmp_path / "bench.json"
+    assert main(["bench", "stream", "--checkpoint", str(tmp_path / "dmd" / "final"), "--milestones", "2", "4",
+                 "--json", str(result)]) == 0
+    bench = json.loads(result.read_text())
+    assert bench["frames_out"] == 1 + 4 * (4 - 1) and set(bench["latency_ms"]) == {"2", "4"}
+    # served: a session from an image, steered chunk by chunk (the server's backend, live actions)
+    from streamkd.cli import _read_image
+    from streamkd.serve.backends import ModelBackend, StreamSpec
+
+    backend = ModelBackend(student)
+    image = _read_image(str(_first_frame_png(videos, tmp_path)), student.frame_hw)  # the model's size, as clients send
+    session = backend.start(StreamSpec("a path in the snow", seed=0, first_frame=image))
+    sizes = [backend.step([session], [action])[0].shape for action in (4, 4, 1)]
+    assert sizes == [(1, 32, 48, 3), (4, 32, 48, 3), (4, 32, 48, 3)]  # the VAE's 1 + 4 k framing
 
 
 def _first_frame_png(videos: Path, tmp_path: Path) -> Path:
