@@ -43,8 +43,14 @@ episodes of 16 frames, mask ``~known_mask`` over frames 1.., pooled)::
                     contrast  hf      palette  landmark recall (colour only)
     ground_truth    1.000     1.000   0.000    1.000 (1.000)    exact by construction
     frame0_copy     0.815     0.792   0.022    0.720 (0.714)    realistic, unfaithful
-    blurred_mean    0.185     0.001   0.022    0.113 (0.124)    15 x 15 box blur of ground truth
+    blurred_mean    0.185     0.001   0.022    0.000 (0.124)    15 x 15 box blur of ground truth
     random_texture  3.609     6.810   0.286    0.000 (0.004)    uniform RGB noise
+    colour_blotches 0.179     0.118   0.020    0.079 (1.108)    blurred mean + 8 x 8 blocks of the
+                                                               landmark colour at the GT's density
+
+A landmark must have its outline (``OUTLINE_MIN``): without that rule the colour blotches a
+guided teacher paints counted as landmarks (docs/teacher.md, 2026-12-03); the toy codec's round
+trip of ground truth keeps 0.92 of the landmarks with it.
 
 The ground-truth palette spread (``palette_spread``, same prompt, other seeds) is 0.02 on
 average, 0.03 at most over those prompts: a palette distance below it is as close as another
@@ -100,6 +106,14 @@ blur (rounded corners, eroded tips) still fits: a 3 x 3 box blur takes a circle'
 about 0.65, into the triangles' fill range, and the centroid height still tells them apart. The
 rules do not overlap."""
 
+OUTLINE_MIN = 0.5
+"""Share of a component's outer 4-neighbours in the outline colour (black; white around black
+landmarks) at or above which it counts as a landmark: every toy-world landmark has a 1 px outline,
+a blotch of the right colour has none (a guided teacher paints such blotches: docs/teacher.md)."""
+OUTLINE_DARK = 80.0 / 255.0
+"""An outline pixel of a non-black landmark has every channel at or below this."""
+OUTLINE_LIGHT = 170.0 / 255.0
+"""An outline pixel of a black landmark has every channel at or above this."""
 TRIANGLE_DROP = 0.545
 """(centroid row - top row) / (bottom row - top row) at or above which a component is apex up."""
 
@@ -417,7 +431,8 @@ def landmark_components(frames: Any, prompt: str) -> dict[str, np.ndarray]:
     ``LANDMARK_MIN_AREA`` pixels and a solid core (``_solid``: not a 1 px line or ring). Keys:
     ``t``, ``y``, ``x`` (frame and rounded centroid), ``area``, ``fill`` (area / bbox area),
     ``cut`` (touches the frame border), ``shape`` (the ``SHAPE_RULES`` name it fits, "" for
-    none; cut components are not judged and get "").
+    none; cut components are not judged and get ""), ``outlined`` (the share of its outer
+    4-neighbours in the outline's colour).
     """
     frames_THWC = _check_frames(frames, "frames")
     hits_THW = landmark_hits(frames_THWC, prompt)
@@ -439,6 +454,22 @@ def landmark_components(frames: Any, prompt: str) -> dict[str, np.ndarray]:
     np.maximum.at(x1, comp, xx)
     fill = area / np.maximum((y1 - y0 + 1) * (x1 - x0 + 1), 1)
     apex_up = (cy - y0) / np.maximum(y1 - y0, 1) >= TRIANGLE_DROP
+    # outer ring: the in-frame 4-neighbours of a component's pixels that are not hits, and how
+    # many of them have the outline's colour (a neighbour shared by two sides counts twice)
+    if parse_prompt(prompt).colour == "black":
+        outline_THW = (frames_THWC >= OUTLINE_LIGHT).all(axis=-1)
+    else:
+        outline_THW = (frames_THWC <= OUTLINE_DARK).all(axis=-1)
+    ring = np.zeros(n)
+    ring_outline = np.zeros(n)
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        ny, nx = yy + dy, xx + dx
+        inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+        ny, nx, t_in, c_in = ny[inside], nx[inside], tt[inside], comp[inside]
+        outer = ~hits_THW[t_in, ny, nx]
+        np.add.at(ring, c_in[outer], 1.0)
+        np.add.at(ring_outline, c_in[outer], outline_THW[t_in, ny, nx][outer])
+    outlined = ring_outline / np.maximum(ring, 1.0)
     cut = (y0 == 0) | (x0 == 0) | (y1 == h - 1) | (x1 == w - 1)
     shape = np.full(n, "", dtype=object)
     for name, (lo, hi, up) in SHAPE_RULES.items():
@@ -452,22 +483,24 @@ def landmark_components(frames: Any, prompt: str) -> dict[str, np.ndarray]:
         "fill": fill[keep],
         "cut": cut[keep],
         "shape": shape[keep],
+        "outlined": outlined[keep],
     }
 
 
 def landmark_stats(frames: Any, mask: Any, prompt: str) -> dict[str, int]:
     """Landmarks of the prompt's colour in the masked region of one set of frames.
 
-    Returns ``shape`` (components of the prompt's colour and shape), ``colour`` (of its colour,
-    any shape) and ``pixels`` (masked pixels, the density's denominator). Components as in
-    ``landmark_components``, counted when their centroid is a masked pixel; one cut by the
-    frame border counts for the shape without a shape check (too little of it is in view).
+    Returns ``shape`` (components of the prompt's colour and shape, outlined as every landmark
+    is: ``OUTLINE_MIN``), ``colour`` (of its colour, any shape or outline) and ``pixels`` (masked
+    pixels, the density's denominator). Components as in ``landmark_components``, counted when
+    their centroid is a masked pixel; one cut by the frame border counts for the shape without a
+    shape check (too little of it is in view), not without its outline.
     """
     frames_THWC = _check_frames(frames, "frames")
     mask_THW = _check_mask(mask, frames_THWC)
     c = landmark_components(frames_THWC, prompt)
     counted = mask_THW[c["t"], c["y"], c["x"]]
-    shaped = c["cut"] | (c["shape"] == parse_prompt(prompt).shape)
+    shaped = (c["cut"] | (c["shape"] == parse_prompt(prompt).shape)) & (c["outlined"] >= OUTLINE_MIN)
     return {
         "shape": int((counted & shaped).sum()),
         "colour": int(counted.sum()),
@@ -557,16 +590,20 @@ class RealismAccumulator:
         return out
 
 
-REFERENCES: tuple[str, ...] = ("ground_truth", "frame0_copy", "blurred_mean", "random_texture")
+REFERENCES: tuple[str, ...] = ("ground_truth", "frame0_copy", "blurred_mean", "random_texture", "colour_blotches")
 
 
-def reference_models(gt_frames: Any, seed: int) -> dict[str, np.ndarray]:
+def reference_models(gt_frames: Any, seed: int, prompt: str) -> dict[str, np.ndarray]:
     """Trivial "models" of an episode, uint8 [T, H, W, 3] each, keyed by ``REFERENCES``.
 
     * ``ground_truth``: the frames themselves (the ceiling: 1.0 on every ratio, palette 0);
     * ``frame0_copy``: frame 0 repeated: realistic (another place of the same world), unfaithful;
     * ``blurred_mean``: each frame under a 15 x 15 box blur: right colours on average, no detail;
-    * ``random_texture``: uniform random RGB noise from ``seed``.
+    * ``random_texture``: uniform random RGB noise from ``seed``;
+    * ``colour_blotches``: the blurred mean with solid 8 x 8 blocks of the prompt's landmark colour
+      on the token grid, as many per frame as the ground truth has landmarks in view (at least
+      one) -- what a guided teacher paints where it should paint landmarks (docs/teacher.md):
+      the right colour at the right density, no shape, no outline.
     """
     gt_THWC = _to_numpy(gt_frames, "gt_frames")
     if gt_THWC.dtype != np.uint8 or gt_THWC.ndim != 4 or gt_THWC.shape[-1] != 3:
@@ -579,7 +616,21 @@ def reference_models(gt_frames: Any, seed: int) -> dict[str, np.ndarray]:
         "frame0_copy": np.repeat(gt_THWC[:1], len(gt_THWC), axis=0),
         "blurred_mean": box_blur(gt_THWC, 15),
         "random_texture": rng.integers(0, 256, size=gt_THWC.shape, dtype=np.uint8),
+        "colour_blotches": _colour_blotches(gt_THWC, prompt, rng),
     }
+
+
+def _colour_blotches(gt_THWC: np.ndarray, prompt: str, rng: np.random.Generator, block: int = 8) -> np.ndarray:
+    """The ``colour_blotches`` reference (see ``reference_models``)."""
+    out = box_blur(gt_THWC, 15)
+    colour = np.asarray(_COLOURS[parse_prompt(prompt).colour], dtype=np.uint8)
+    per_frame = np.bincount(landmark_components(gt_THWC, prompt)["t"], minlength=len(gt_THWC))
+    T, H, W, _ = gt_THWC.shape
+    for t in range(T):
+        for _ in range(max(1, int(per_frame[t]))):
+            y, x = block * rng.integers(0, H // block), block * rng.integers(0, W // block)
+            out[t, y : y + block, x : x + block] = colour
+    return out
 
 
 def evaluate_references(
@@ -589,6 +640,6 @@ def evaluate_references(
     prompt): the table that makes a model's numbers readable."""
     accs = {name: RealismAccumulator() for name in REFERENCES}
     for i, (gt_THWC, mask_THW, prompt) in enumerate(episodes):
-        for name, frames_THWC in reference_models(gt_THWC, seed + i).items():
+        for name, frames_THWC in reference_models(gt_THWC, seed + i, prompt).items():
             accs[name].add(frames_THWC, gt_THWC, mask_THW, prompt)
     return {name: acc.result() for name, acc in accs.items()}
