@@ -51,11 +51,11 @@ and cameras only (host integers), so a full-sequence forward can replay it (test
 
 from __future__ import annotations
 
+import functools
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
-
-import math
 
 import numpy as np
 import torch
@@ -424,19 +424,32 @@ def replay(memory: MemoryConfig, *, sink_frames: int, window_frames: int, chunk_
 
 # --------------------------------------------------------------------------------- compression
 def pool_tokens(x_BTHD: torch.Tensor, grid: tuple[int, int], pool: int) -> torch.Tensor:
-    """Mean over ``pool x pool`` cells of a frame's tokens ``(..., gh * gw, H, D)`` (row-major)."""
+    """Mean over ``pool x pool`` cells of a frame's tokens ``(..., gh * gw, H, D)`` (row-major), in
+    fp32. The ``pool**2`` strided views of the cells are added elementwise: ~5x faster on the CPU
+    than one reduction over the two non-adjacent cell axes (measured at the toy size), and the
+    cost is paid by every chunk that pushes frames into the compressed tier."""
     gh, gw = grid
     lead = x_BTHD.shape[:-3]
-    x = x_BTHD.reshape(*lead, gh // pool, pool, gw // pool, pool, *x_BTHD.shape[-2:])
-    return x.float().mean(dim=(-5, -3)).reshape(*lead, (gh // pool) * (gw // pool), *x_BTHD.shape[-2:])
+    x = x_BTHD.float().reshape(*lead, gh // pool, pool, gw // pool, pool, *x_BTHD.shape[-2:])
+    total = x[..., :, 0, :, 0, :, :].clone()
+    for i in range(pool):
+        for j in range(pool):
+            if i or j:
+                total += x[..., :, i, :, j, :, :]
+    return total.div_(pool * pool).reshape(*lead, (gh // pool) * (gw // pool), *x_BTHD.shape[-2:])
 
 
+@functools.lru_cache(maxsize=64)
 def pooled_centroids(grid: tuple[int, int], pool: int, level: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column (token units, float) of each pooled token's cell centre, row-major."""
+    """Row and column (token units, float) of each pooled token's cell centre, row-major (cached:
+    every chunk asks for the same few; the arrays are read-only)."""
     cell = pool**level
     rows = np.arange(grid[0] // cell) * cell + (cell - 1) / 2
     cols = np.arange(grid[1] // cell) * cell + (cell - 1) / 2
-    return np.repeat(rows, len(cols)), np.tile(cols, len(rows))
+    out = np.repeat(rows, len(cols)), np.tile(cols, len(rows))
+    for a in out:
+        a.flags.writeable = False
+    return out
 
 
 @dataclass
@@ -452,6 +465,10 @@ class Packed:
         if self.k_scale is None:
             return self.k.to(dtype), self.v.to(dtype)
         return (self.k.float() * self.k_scale.float()).to(dtype), (self.v.float() * self.v_scale.float()).to(dtype)
+
+    def frames_layer(self, i: int) -> Packed:
+        """Layer ``i`` of frames stacked on a leading axis: ``(frames, layers, ...)`` -> ``(frames, ...)``."""
+        return Packed(*(None if t is None else t[:, i] for t in (self.k, self.v, self.k_scale, self.v_scale)))
 
     def layer(self, i: int) -> Packed:
         return Packed(self.k[i], self.v[i], None if self.k_scale is None else self.k_scale[i],
@@ -481,6 +498,26 @@ def pack(k_TxHD: torch.Tensor, v_TxHD: torch.Tensor, quantize: str, dtype: torch
 def compress_frame(k_NTHD: torch.Tensor, v_NTHD: torch.Tensor, cfg: MemoryConfig, grid: tuple[int, int]) -> Packed:
     """Level 1 of a frame leaving the window (pre-RoPE keys/values of every layer)."""
     return pack(pool_tokens(k_NTHD, grid, cfg.pool), pool_tokens(v_NTHD, grid, cfg.pool), cfg.quantize, k_NTHD.dtype)
+
+
+def compress_frames(k_FNTHD: torch.Tensor, v_FNTHD: torch.Tensor, cfg: MemoryConfig, grid: tuple[int, int]) -> list[Packed]:
+    """``compress_frame`` of several frames in one pass (the frames a chunk pushes out of the
+    window): a few batched ops instead of a few per frame. Each frame's tokens and scales are
+    its own copies, so a frame that leaves the tier frees its bytes."""
+    both = compress_frame(k_FNTHD, v_FNTHD, cfg, grid)
+    return [_frame_of(both, f) for f in range(k_FNTHD.shape[0])]
+
+
+def coarsen_all(packed: list[Packed], cfg: MemoryConfig, grid: tuple[int, int], dtype: torch.dtype) -> list[Packed]:
+    """``coarsen`` of several level-1 frames in one pass."""
+    stacked = Packed(*(None if packed[0].k_scale is None and name.endswith("scale") else torch.stack([getattr(p, name) for p in packed])
+                       for name in ("k", "v", "k_scale", "v_scale")))
+    both = coarsen(stacked, cfg, grid, dtype)
+    return [_frame_of(both, f) for f in range(len(packed))]
+
+
+def _frame_of(packed: Packed, f: int) -> Packed:
+    return Packed(*(None if t is None else t[f].clone() for t in (packed.k, packed.v, packed.k_scale, packed.v_scale)))
 
 
 def coarsen(packed: Packed, cfg: MemoryConfig, grid: tuple[int, int], dtype: torch.dtype) -> Packed:

@@ -38,7 +38,7 @@ import torch
 
 from streamkd.cache.kv_cache import with_chunk
 from streamkd.cache.memory import (
-    MemoryConfig, MemoryPlanner, MemoryView, Packed, attended, coarsen, compress_frame, piece_positions,
+    MemoryConfig, MemoryPlanner, MemoryView, Packed, attended, coarsen_all, compress_frames, piece_positions,
 )
 
 
@@ -315,7 +315,8 @@ class PagedKVCache:
     def _row_plan(self, b: int, row: list[tuple]) -> list[tuple]:
         """Copies that fill row ``b``'s gather buffer, once per cache state: one for every
         full-resolution page (an indexed copy of all of them) and one per compression level (its
-        frames stacked, dequantized in one multiply); each with its tokens' places in the buffer."""
+        frames stacked once for all layers, dequantized per layer in one multiply); each with its
+        tokens' places in the buffer."""
         plans = self.derived.setdefault("row_plans", {})
         if b in plans:
             return plans[b]
@@ -332,8 +333,11 @@ class PagedKVCache:
             dest_t = torch.cat(dest).to(dev)
             if level == 0:
                 plan.append((0, torch.tensor(refs, dtype=torch.long, device=dev), dest_t))
-            else:
-                plan.append((level, [self._rows[b].compressed[f] for f in refs], dest_t))
+            else:  # the level's frames stacked once for every layer: (frames, layers, tokens, H, D)
+                packed = [self._rows[b].compressed[f] for f in refs]
+                plan.append((level, Packed(*(None if getattr(packed[0], name) is None else
+                                             torch.stack([getattr(p, name) for p in packed])
+                                             for name in ("k", "v", "k_scale", "v_scale"))), dest_t))
         plans[b] = plan
         return plan
 
@@ -349,10 +353,7 @@ class PagedKVCache:
                     k[b, dest] = self.pool.k[layer, refs].flatten(0, 1)
                     v[b, dest] = self.pool.v[layer, refs].flatten(0, 1)
                     continue
-                stacked = Packed(torch.stack([p.k[layer] for p in refs]), torch.stack([p.v[layer] for p in refs]),
-                                 None if refs[0].k_scale is None else torch.stack([p.k_scale[layer] for p in refs]),
-                                 None if refs[0].v_scale is None else torch.stack([p.v_scale[layer] for p in refs]))
-                kk, vv = stacked.unpack(self.dtype)
+                kk, vv = refs.frames_layer(layer).unpack(self.dtype)
                 k[b, dest] = kk.flatten(0, 1)
                 v[b, dest] = vv.flatten(0, 1)
         self.stats["gathered_tokens"] += B * S
@@ -431,13 +432,21 @@ class PagedKVCache:
         self.derived.clear()
 
     def _apply(self, r: _Row, transitions, leaving: dict[int, int]) -> None:
+        # the frames a chunk pushes into the compressed tier are pooled and quantized together,
+        # then those moving to level 2 coarsened together (a few batched ops, not a few per frame);
+        # both read pages that "release" below gives back
+        compress = [tr.frame for tr in transitions if tr.kind == "compress"]
+        if compress:
+            pages = torch.tensor([leaving[f] for f in compress], dtype=torch.long, device=self.device)
+            k_FNTHD, v_FNTHD = self.pool.k[:, pages].transpose(0, 1), self.pool.v[:, pages].transpose(0, 1)
+            r.compressed.update(zip(compress, compress_frames(k_FNTHD, v_FNTHD, self.memory, self.grid)))
+        coarse = [tr.frame for tr in transitions if tr.kind == "coarsen"]
+        if coarse:
+            r.compressed.update(zip(coarse, coarsen_all([r.compressed[f] for f in coarse], self.memory, self.grid, self.dtype)))
         for tr in transitions:
             f = tr.frame
-            if tr.kind == "compress":
-                page = leaving[f]
-                r.compressed[f] = compress_frame(self.pool.k[:, page], self.pool.v[:, page], self.memory, self.grid)
-            elif tr.kind == "coarsen":
-                r.compressed[f] = coarsen(r.compressed[f], self.memory, self.grid, self.dtype)
+            if tr.kind in ("compress", "coarsen"):
+                continue
             elif tr.kind == "drop_compressed":
                 del r.compressed[f]
             elif tr.kind == "admit":
