@@ -272,14 +272,16 @@ def test_wan_configs_parse_and_tiny_mirrors_the_real_recipe() -> None:
     from streamkd.config import load_config
     from streamkd.distill.ode_pairs import ODEPairsConfig
     from streamkd.train.distill import DistillConfig
+    from streamkd.train.teacher import TeacherTrainConfig
 
     root = Path(__file__).resolve().parent.parent / "configs"
     real, tiny = root / "wan2.1-t2v-1.3b", root / "tiny-wan"
     assert sorted(p.name for p in real.glob("*.yaml")) == sorted(p.name for p in tiny.glob("*.yaml"))
+    kinds = {"ode_pairs.yaml": ODEPairsConfig, "teacher_world.yaml": TeacherTrainConfig}
     for folder in (real, tiny):
         for path in folder.glob("*.yaml"):
-            cfg = load_config(ODEPairsConfig if path.name == "ode_pairs.yaml" else DistillConfig, path, [])
-            if path.name != "ode_pairs.yaml":
+            cfg = load_config(kinds.get(path.name, DistillConfig), path, [])
+            if path.name not in kinds:
                 assert cfg.sigmas == [1.0, 0.9375, 0.8333333, 0.625] and cfg.causal.chunk_frames == 3
     dmd = load_config(DistillConfig, real / "distill_dmd.yaml", [])
     assert (dmd.wan.height, dmd.wan.width, dmd.wan.horizon_frames) == (480, 832, 21)
