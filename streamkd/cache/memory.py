@@ -141,20 +141,31 @@ def _wrap_near(camera: tuple[int, int], near: tuple[int, int], period: int) -> t
     return tuple(c + period * round((n - c) / period) for c, n in zip(camera, near))  # type: ignore[return-value]
 
 
+def _spans(start: int, length: int, period: int, size: int) -> list[slice]:
+    """The (at most two) slices of ``[0, size)`` that ``start .. start + length - 1`` covers,
+    modulo ``period`` when it is not 0 (a span that wraps around the torus is split in two)."""
+    if not period:
+        lo, hi = max(start, 0), min(start + length, size)
+        return [slice(lo, hi)] if lo < hi else []
+    if length >= period:
+        return [slice(0, min(period, size))]
+    s = start % period
+    e = s + length
+    parts = [(s, min(e, period))] + ([(0, e - period)] if e > period else [])
+    return [slice(a, min(b, size)) for a, b in parts if a < min(b, size)]
+
+
 def _raster(rects: list[tuple[int, int]], grid: tuple[int, int], origin: tuple[int, int], size: tuple[int, int],
             period: int) -> np.ndarray:
     """Boolean ``size`` raster of the union of frame rectangles (top-left camera, ``grid`` tokens)
-    in a frame of reference starting at ``origin`` (on a torus: modulo the period)."""
+    in a frame of reference starting at ``origin`` (on a torus: modulo the period). Rectangles
+    are written as slices (~5x faster than index arrays; rasters are made every chunk)."""
     out = np.zeros(size, dtype=bool)
     gh, gw = grid
     for r, c in rects:
-        rows = np.arange(r, r + gh) - origin[0]
-        cols = np.arange(c, c + gw) - origin[1]
-        if period:
-            rows, cols = rows % period, cols % period
-        rows = rows[(rows >= 0) & (rows < size[0])]
-        cols = cols[(cols >= 0) & (cols < size[1])]
-        out[np.ix_(rows, cols)] = True
+        for rows in _spans(r - origin[0], gh, period, size[0]):
+            for cols in _spans(c - origin[1], gw, period, size[1]):
+                out[rows, cols] = True
     return out
 
 

@@ -342,7 +342,9 @@ class PagedKVCache:
         return plan
 
     def _gather(self, layer: int, pieces: list[list[tuple]]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        S = max(sum(self._piece_tokens(p[4]) for p in row) for row in pieces)
+        S = self.derived.get("gather_tokens")
+        if S is None:  # once per cache state, not per layer
+            S = self.derived["gather_tokens"] = max(sum(self._piece_tokens(p[4]) for p in row) for row in pieces)
         B = len(pieces)
         H, D = self.pool.k.shape[-2:]
         k = torch.zeros(B, S, H, D, dtype=self.dtype, device=self.device)
