@@ -171,3 +171,22 @@ def _first_frame_png(videos: Path, tmp_path: Path) -> Path:
     path = tmp_path / "first.png"
     Image.fromarray(read_video(sorted(videos.glob("*.mp4"))[0])[0]).save(path)
     return path
+
+
+def test_fine_tune_on_shards_reads_their_prompt_embeddings(setup, tmp_path: Path, monkeypatch) -> None:
+    """Pre-encoded shards feed a Wan fine-tune both latents and prompt embeddings: the same losses
+    as training on the videos themselves, and UMT5 runs only for CFG's unconditional prompt."""
+    from streamkd.data.shards import encode_shards
+    from streamkd.data.video import VideoClipDataset
+    from streamkd.models.text import UMT5TextEncoder
+
+    folder, videos = setup
+    from_videos = TeacherTrainer(_cfg(folder, videos, tmp_path / "videos", max_steps=2)).train(progress=False)
+    model = load_model(str(folder), wan=WAN)
+    encode_shards(VideoClipDataset(videos, PIXEL_FRAMES, 32, 48), model, tmp_path / "shards", clips_per_shard=2)
+    encoded: list[str] = []
+    real_encode = UMT5TextEncoder.encode
+    monkeypatch.setattr(UMT5TextEncoder, "encode", lambda self, prompts: encoded.extend(prompts) or real_encode(self, prompts))
+    from_shards = TeacherTrainer(_cfg(folder, tmp_path / "shards", tmp_path / "shards-run", max_steps=2)).train(progress=False)
+    assert from_shards == pytest.approx(from_videos, rel=1e-5)
+    assert set(encoded) <= {model.null_prompt}  # captions came from the shards

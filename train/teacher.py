@@ -198,12 +198,13 @@ def flow_matching_loss(
     x_t = (1 - s_b) * x0 + s_b * noise
     target = noise - x0
     # CFG's unconditional prompt: the one sampling uses (toy: empty; Wan: the negative prompt)
-    prompts = [model.null_prompt if d else p for p, d in zip(batch["prompt"], drop_prompt[rows].tolist())]
+    drop_b = drop_prompt[rows].tolist()
+    prompts = [model.null_prompt if d else p for p, d in zip(batch["prompt"], drop_b)]
     actions = None
     if model.num_actions:  # host data, as the DiT expects; a model without actions ignores the clips'
         actions = latent_actions(batch["actions"], model.codec.temporal_factor).clone()  # one per latent frame
         actions[drop_actions[rows]] = model.dit.null_action
-    v = model.dit(x_t, 1000.0 * s_bF, model.encode_prompts(prompts), actions)
+    v = model.dit(x_t, 1000.0 * s_bF, _context(model, batch, prompts, drop_b), actions)
     weight_BF = torch.ones(B, num_f)
     weight_BF[i2v, 0] = 0.0
     err_BF = (v.float() - target.float()).pow(2).mean(dim=(1, 3, 4))
@@ -211,6 +212,21 @@ def flow_matching_loss(
     # FSDP's gradient averaging computes) is then exactly the global-batch loss
     share = B / err_BF.shape[0]
     return (err_BF * weight_BF[rows].to(dev)).sum() * share / weight_BF.sum().to(dev)
+
+
+def _context(model, batch: dict, prompts: list[str], dropped: list[bool]) -> torch.Tensor:
+    """The prompts' context: pre-encoded in the shards (``batch["context"]``) when the text
+    encoder is frozen -- the step then never runs it, what pre-encoding is for -- with the
+    unconditional prompt's for the dropped rows; else the encoder's own (the toy teacher trains
+    its prompt encoder, so shards' embeddings would be stale)."""
+    frozen = not any(module is model.text_encoder for module in model.children())
+    if "context" not in batch or not frozen:
+        return model.encode_prompts(prompts)
+    ctx = batch["context"].to(model.dit.proj_out.weight.device)
+    if any(dropped):
+        null = model.encode_prompts([model.null_prompt]).to(ctx)
+        ctx = torch.where(torch.tensor(dropped, device=ctx.device)[:, None, None], null, ctx)
+    return ctx
 
 
 class TeacherTrainer:
@@ -240,8 +256,9 @@ class TeacherTrainer:
         )
         if cfg.data is None:
             self.data = ToyClipDataset(cfg.model.world, cfg.model.horizon_frames, base_seed=cfg.seed)
-        else:  # the prompt encoder trains with the DiT: only the shards' latents are reused, not their prompt embeddings
-            self.data = open_training_data(cfg.data, self.model, check=("codec",))
+        else:  # shards' prompt embeddings serve a frozen text encoder (Wan's UMT5), not one that trains (the toy's)
+            frozen_text = not any(module is self.model.text_encoder for module in self.model.children())
+            self.data = open_training_data(cfg.data, self.model, check=("codec", "text") if frozen_text else ("codec",))
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.out = Path(cfg.out_dir)

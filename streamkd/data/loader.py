@@ -47,14 +47,16 @@ class StepSampler(Sampler[int]):
 
 def collate_training(items: list[dict[str, Any]], num_frames: int, num_actions: int) -> dict[str, Any]:
     """Stack clips: ``frames`` uint8 (B, T, H, W, 3), or pre-encoded ``latents`` (B, C, F, h, w)
-    with ``first_frame`` (B, H, W, 3); ``actions`` int64 (B, T), the null action (``num_actions``,
-    as ``DiT.null_action``) for clips that have none; ``prompt`` and ``seed`` as lists. Prompt
-    embeddings of shards are not passed on: the trainer encodes prompts itself (the toy teacher
-    trains its prompt encoder)."""
+    with ``first_frame`` (B, H, W, 3) and the prompts' ``context`` (B, L, D) (a trainer with a
+    frozen text encoder reads it instead of running the encoder; one that trains its prompt
+    encoder, the toy teacher, encodes ``prompt`` itself); ``actions`` int64 (B, T), the null
+    action (``num_actions``, as ``DiT.null_action``) for clips that have none; ``prompt`` and
+    ``seed`` as lists."""
     batch: dict[str, Any] = {"prompt": [item["prompt"] for item in items], "seed": [item["seed"] for item in items]}
     if "latents" in items[0]:
         batch["latents"] = torch.stack([item["latents"] for item in items])
         batch["first_frame"] = torch.stack([item["first_frame"] for item in items])
+        batch["context"] = torch.stack([item["context"] for item in items])
     else:
         batch["frames"] = torch.stack([item["frames"] for item in items])
     actions = []
