@@ -1,7 +1,8 @@
 """One Wan-style diffusion transformer for teacher, critic and causal student.
 
 Legend: B batch, C latent channels, F latent frames, H/W latent height/width, T tokens per frame,
-L tokens (F*T), Lc prompt tokens, E model width, N heads, D head dim.
+L tokens (F*T), Lc prompt tokens, Li image tokens (CLIP patches + class token), E model width,
+N heads, D head dim (``context_BLcD`` / ``image_context_BLiD``: D is the encoder's width there).
 
 The architecture follows Wan2.1 (3D patch embedding, 3D RoPE, AdaLN modulation from a shared
 timestep projection plus a learned per-block table, RMS q/k norm across heads, cross-attention to
@@ -20,6 +21,10 @@ weights convert one-to-one (``streamkd.models.wan``). Two generalisations serve 
   models that condition on reprojected memory do). Copying what the first frame already shows
   becomes a per-token map instead of an attention pattern that must be learned from noise; the
   cache keeps the anchor (it is sink frame 0), so streaming sees exactly what the full sequence sees.
+* **Optional CLIP image branch** (``image_dim``, Wan2.1 I2V): the CLIP vision tokens of the first
+  frame are embedded and read by every cross-attention through their own key/value projections;
+  that attention's output is added to the prompt attention's (decoupled cross-attention, as in
+  diffusers' ``WanAttnProcessor``). Without ``image_dim`` the model is exactly the text-to-video one.
 * **Attention mode is a runtime choice**, not a model type:
     - bidirectional  (``layout=None, cache=None``): every token sees every token -- teacher, critic;
     - block-causal   (``layout=CausalLayout``): the full sequence under the chunked causal rule of
@@ -90,6 +95,10 @@ class DiTConfig:
     """Largest RoPE position per axis."""
     rope_theta: float = 10000.0
     """RoPE base."""
+    image_dim: int | None = None
+    """Width of the CLIP image tokens read by cross-attention (1280 for Wan2.1 I2V's ViT-H/14);
+    None: no image branch (text-to-video). Image-to-video also concatenates the first frame and
+    its mask to the latents: that is only ``in_channels`` (36 = 16 + 4 + 16 for Wan2.1 I2V)."""
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(self.patch_size)
@@ -99,6 +108,8 @@ class DiTConfig:
             raise ValueError(f"head_dim must be even and >= 6 for 3D RoPE, got {self.head_dim}")
         if self.num_actions < 0:
             raise ValueError(f"num_actions must be >= 0 (0 disables actions), got {self.num_actions}")
+        if self.image_dim is not None and self.image_dim < 1:
+            raise ValueError(f"image_dim must be a positive int (the CLIP width) or None, got {self.image_dim}")
         if self.anchor_warp and self.action_shifts is None:
             raise ValueError("anchor_warp needs action_shifts (the camera translation per action); set both or neither")
         if self.action_shifts is not None:
@@ -158,7 +169,10 @@ class _SelfAttnPlan:
 class Attention(nn.Module):
     """Multi-head attention with RMS q/k norm across heads (Wan's ``rms_norm_across_heads``)."""
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float, kv_dim: int | None = None):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float, kv_dim: int | None = None,
+                 image_kv: bool = False):
+        """``image_kv`` (cross-attention of an image model): own key/value projections and key norm
+        for the (already embedded, width ``dim``) image tokens."""
         super().__init__()
         inner = num_heads * head_dim
         kv_dim = kv_dim or dim
@@ -169,6 +183,11 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(inner, dim)
         self.norm_q = nn.RMSNorm(inner, eps=eps)
         self.norm_k = nn.RMSNorm(inner, eps=eps)
+        self.add_k_proj = self.add_v_proj = self.norm_added_k = None
+        if image_kv:
+            self.add_k_proj = nn.Linear(dim, inner)
+            self.add_v_proj = nn.Linear(dim, inner)
+            self.norm_added_k = nn.RMSNorm(inner, eps=eps)
 
     def kv(self, ctx_BSE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.norm_k(self.to_k(ctx_BSE)).unflatten(-1, (self.num_heads, -1))
@@ -185,9 +204,17 @@ class Attention(nn.Module):
         k, v = self.kv(x_BLE)
         cache.write(layer, k.detach(), v.detach())
 
-    def cross(self, x_BLE: torch.Tensor, ctx_BSE: torch.Tensor) -> torch.Tensor:
+    def cross(self, x_BLE: torch.Tensor, ctx_BSE: torch.Tensor, img_BLiE: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention to the prompt tokens ``ctx_BSE``, plus, given ``img_BLiE``, a second attention
+        of the same queries to the image tokens: two softmaxes, outputs summed before ``to_out``
+        (the image cannot crowd out the prompt in one softmax, or vice versa)."""
         q, k, v = self.qkv(x_BLE, ctx_BSE)
-        return self.to_out(attention(q, k, v).flatten(2))
+        out_BLE = attention(q, k, v).flatten(2)
+        if img_BLiE is not None:
+            k_img = self.norm_added_k(self.add_k_proj(img_BLiE)).unflatten(-1, (self.num_heads, -1))
+            v_img = self.add_v_proj(img_BLiE).unflatten(-1, (self.num_heads, -1))
+            out_BLE = out_BLE + attention(q, k_img, v_img).flatten(2)
+        return self.to_out(out_BLE)
 
     def self_attn(self, x_BLE: torch.Tensor, plan: _SelfAttnPlan, layer: int) -> torch.Tensor:
         q_BLND, k_BLND, v_BLND = self.qkv(x_BLE, x_BLE)
@@ -300,7 +327,7 @@ class DiTBlock(nn.Module):
         self.self_attn = Attention(E, cfg.num_heads, cfg.head_dim, cfg.eps)
         # 2. cross-attention to the prompt tokens
         self.cross_norm = nn.LayerNorm(E, eps=cfg.eps) if cfg.cross_attn_norm else None
-        self.cross_attn = Attention(E, cfg.num_heads, cfg.head_dim, cfg.eps)
+        self.cross_attn = Attention(E, cfg.num_heads, cfg.head_dim, cfg.eps, image_kv=cfg.image_dim is not None)
         # 3. feed-forward (AdaLN-modulated, gated)
         self.ffn = FeedForward(E, cfg.ffn_dim)
         # per-block offsets added to the shared timestep projection: (shift, scale, gate) x 2
@@ -308,9 +335,10 @@ class DiTBlock(nn.Module):
 
     def forward(
         self, x_BLE: torch.Tensor, ctx_BLcE: torch.Tensor, tproj_BF6E: torch.Tensor, plan: _SelfAttnPlan, layer: int,
-        kv_only: bool = False,
+        kv_only: bool = False, img_BLiE: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """``kv_only``: only store the modulated input's self-attention keys/values in the plan's
+        """``img_BLiE``: embedded image tokens (image models), read by cross-attention.
+        ``kv_only``: only store the modulated input's self-attention keys/values in the plan's
         cache and return None -- all a cache-writing pass needs from the last block. (A flag of
         ``forward``, not a method of its own, so FSDP's per-block hooks gather the weights.)"""
         if kv_only:
@@ -323,10 +351,31 @@ class DiTBlock(nn.Module):
         x_BLE = _gated_add(x_BLE, h, gate1)
         # 2. cross-attention
         h = _layer_norm(x_BLE, self.eps, self.cross_norm).type_as(x_BLE) if self.cross_norm else x_BLE
-        x_BLE = x_BLE + self.cross_attn.cross(h, ctx_BLcE)
+        x_BLE = x_BLE + self.cross_attn.cross(h, ctx_BLcE, img_BLiE)
         # 3. feed-forward
         h = self.ffn(_modulate(x_BLE, shift3, scale3, self.eps))
         return _gated_add(x_BLE, h, gate3)
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP image tokens -> model width: fp32 LayerNorm, GELU MLP (hidden = input width), fp32
+    LayerNorm -- diffusers' ``WanImageEmbedding``, whose LayerNorms keep torch's default eps 1e-5
+    (not the model's ``eps``) and whose GELU is exact (not tanh)."""
+
+    eps = 1e-5
+
+    def __init__(self, image_dim: int, dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(image_dim, eps=self.eps)
+        self.fc1 = nn.Linear(image_dim, image_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(image_dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=self.eps)
+
+    def forward(self, img_BLiD: torch.Tensor) -> torch.Tensor:
+        h = _layer_norm(img_BLiD, self.eps, self.norm1).type_as(img_BLiD)
+        h = self.fc2(self.act(self.fc1(h)))
+        return _layer_norm(h, self.eps, self.norm2).type_as(h)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -350,6 +399,8 @@ class DiT(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(cfg.freq_dim, E), nn.SiLU(), nn.Linear(E, E))
         self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(E, 6 * E))
         self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, E), nn.GELU(approximate="tanh"), nn.Linear(E, E))
+        # CLIP image tokens -> tokens of width E (image models only)
+        self.image_embed = ImageEmbedding(cfg.image_dim, E) if cfg.image_dim is not None else None
         self.action_embed = None
         if cfg.num_actions:
             # one extra row = "no action" (dropped for classifier-free guidance); zero init makes
@@ -557,6 +608,7 @@ class DiT(nn.Module):
         write_cache: bool = False,
         anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
         output: bool = True,
+        image_context_BLiD: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Predict the flow-matching velocity ``noise - x0`` for every latent frame.
 
@@ -566,6 +618,9 @@ class DiT(nn.Module):
         of the stream's first frame when this clip is a window far into the stream -- the camera in
         this call's coordinates (``camera_offsets``: frame f sits at the summed shifts of actions
         ``0..f``). Default: this clip's frame 0 when it is given clean.
+        ``image_context_BLiD`` (image models, required there): the CLIP vision tokens of the
+        conditioning image, width ``cfg.image_dim`` (Wan2.1 I2V: the penultimate hidden states,
+        257 tokens); the same for every frame and every pass of a stream.
         ``output=False`` (with ``write_cache``: the clean pass of streaming) fills the cache exactly
         as a full pass would and returns None: the last block stops at its keys/values (no
         attention, cross-attention, FFN or head) -- for a 2-block student, ~40% of the pass.
@@ -590,6 +645,12 @@ class DiT(nn.Module):
             if tuple(anchor[0].shape) != want[0] or tuple(anchor[1].shape) != want[1]:
                 raise ValueError(f"anchor must be (latent {want[0]}, camera {want[1]}), got "
                                  f"({tuple(anchor[0].shape)}, {tuple(anchor[1].shape)})")
+        if (image_context_BLiD is None) != (cfg.image_dim is None):
+            raise ValueError(
+                "image_context_BLiD is required by a model with image_dim and refused by one without; "
+                f"this model has image_dim={cfg.image_dim}, got "
+                f"{'no image context' if image_context_BLiD is None else 'an image context'}"
+            )
         gf, gh, gw = num_f // pt, height // ph, width // pw
         if t_BF.ndim == 1:
             t_BF = t_BF[:, None].expand(B, gf)
@@ -612,6 +673,7 @@ class DiT(nn.Module):
             temb_BFE = temb_BFE + self.action_embed(actions_BF)
         tproj_BF6E = self.time_proj(temb_BFE).unflatten(-1, (6, -1))
         ctx_BLcE = self.text_proj(context_BLcD)
+        img_BLiE = None if image_context_BLiD is None else self.image_embed(image_context_BLiD)
         plan = self._plan(gf, gh, gw, layout, cache, write_cache, x_BLE.device, camera_BF2)
         plan.sparse = cfg.sparse
         if layout is not None:
@@ -622,7 +684,7 @@ class DiT(nn.Module):
             if i == last and not output:
                 block(x_BLE, ctx_BLcE, tproj_BF6E, plan, i, kv_only=True)
             else:
-                x_BLE = block(x_BLE, ctx_BLcE, tproj_BF6E, plan, i)
+                x_BLE = block(x_BLE, ctx_BLcE, tproj_BF6E, plan, i, img_BLiE=img_BLiE)
         if write_cache:
             if camera_BF2 is not None:
                 cache.write_camera(camera_BF2)

@@ -11,6 +11,11 @@ Every component is the diffusers / transformers class a real folder names, so co
 folder runs the same code path on ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``; only the sizes differ.
 ``streamkd make-tiny-wan --out FOLDER`` builds one from the command line;
 ``configs/tiny-wan/`` are the training configs sized for it.
+
+``make_tiny_wan_i2v(folder)`` writes the image-to-video counterpart (``WanImageToVideoPipeline``,
+as ``Wan-AI/Wan2.1-I2V-14B-480P-Diffusers`` holds): the same components plus ``image_encoder/``
+(``CLIPVisionModel``) and ``image_processor/`` (``CLIPImageProcessor``), the transformer reading
+36 channels (latents + first-frame mask + first-frame latents) and the CLIP tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +37,17 @@ TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, t
 TINY_TEXT = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                  relative_attention_max_distance=16, dropout_rate=0.0, feed_forward_proj="gated-gelu")
 """UMT5 encoder shape (its ``d_model`` is the transformer's ``text_dim``)."""
+
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                 patch_size=16, projection_dim=32)
+"""CLIP vision tower shape: 32x32 images in 16x16 patches = 4 patches + the class token = 5 tokens
+of width 32 (Wan2.1 I2V: ViT-H/14 at 224 px, 257 tokens of width 1280)."""
+
+TINY_I2V_TRANSFORMER = dict(TINY_TRANSFORMER, in_channels=16 + 4 + 16, out_channels=16,
+                            image_dim=TINY_CLIP["hidden_size"], added_kv_proj_dim=24)
+"""Transformer of the tiny I2V pipeline: 16 noisy latent channels + 4 mask channels (one per frame
+of the VAE's 4x temporal stride) + 16 first-frame latent channels in; the image keys/values project
+the embedded image tokens, so ``added_kv_proj_dim`` is the width (2 heads x 12)."""
 
 VOCAB_WORDS = (
     "a the of and in on with over under through at by from to into near far above below "
@@ -80,5 +96,31 @@ def make_tiny_wan(folder: str | Path, seed: int = 0, **transformer_overrides) ->
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(),
                        scheduler=scheduler, transformer=transformer.eval())
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def make_tiny_wan_i2v(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random ``WanImageToVideoPipeline`` folder (Wan2.1 I2V layout) to ``folder``."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer()
+    transformer = WanTransformer3DModel(**TINY_I2V_TRANSFORMER)
+    with torch.no_grad():  # as make_tiny_wan: diffusers zero-initialises some projections
+        for p in transformer.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    vae = AutoencoderKLWan(**TINY_VAE)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1,
+                                               decoder_start_token_id=0, **TINY_TEXT))
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP))
+    size = TINY_CLIP["image_size"]
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(),
+                                   scheduler=scheduler, image_processor=image_processor,
+                                   image_encoder=image_encoder.eval(), transformer=transformer.eval())
     pipe.save_pretrained(str(folder))
     return folder

@@ -6,10 +6,12 @@ Two directions: ``load_wan_dit`` reads a Wan teacher (a diffusers folder) into a
 such a folder back into the exact ``DiT`` that was exported.
 
 Supported
-    * Text-to-video Wan2.1 (1.3B / 14B), Wan2.2 TI2V-5B and the per-expert transformers of Wan2.2
-      A14B (``transformer/`` and ``transformer_2/``): any config with ``qk_norm="rms_norm_across_heads"``,
-      no CLIP image branch and no image position embedding. Channel-concatenated image
-      conditioning (``in_channels != out_channels``) is plain patch embedding and is supported.
+    * Text-to-video Wan2.1 (1.3B / 14B), Wan2.1 image-to-video (I2V-14B 480p / 720p: the CLIP image
+      branch, ``image_dim`` with ``added_kv_proj_dim`` equal to the model width), Wan2.2 TI2V-5B and
+      the per-expert transformers of Wan2.2 A14B (``transformer/`` and ``transformer_2/``): any
+      config with ``qk_norm="rms_norm_across_heads"`` and no image position embedding.
+      Channel-concatenated image conditioning (``in_channels != out_channels``, 36 for Wan2.1 I2V)
+      is plain patch embedding and is supported.
     * Local diffusers-format folders only (``config.json`` plus one ``diffusion_pytorch_model.safetensors``
       or shards listed in ``diffusion_pytorch_model.safetensors.index.json``), given either as the
       transformer folder itself or as a pipeline root holding ``transformer/``. Nothing is downloaded.
@@ -18,8 +20,10 @@ Supported
       ``(B, seq_len)`` timestep path), which is what ``DiT``'s ``t_BF`` expresses.
 
 Not supported (refused with ``WanConversionError``)
-    * Wan2.1 I2V-14B's CLIP image branch (``image_dim`` / ``added_kv_proj_dim``) and FLF2V's image
-      position embedding (``pos_embed_seq_len``); other ``qk_norm`` settings; odd ``freq_dim``.
+    * FLF2V's image position embedding (``pos_embed_seq_len``); ``image_dim`` without
+      ``added_kv_proj_dim`` or the reverse, or ``added_kv_proj_dim`` other than the model width
+      (``WanImageEmbedding`` outputs that width, so no released checkpoint differs); other ``qk_norm``
+      settings; odd ``freq_dim``.
     * ``.bin`` / pickled checkpoints, dtype variants (``*.fp16.safetensors``), VACE / other Wan
       derivatives whose ``_class_name`` is not ``WanTransformer3DModel``.
     * Exporting (``diffusers_config_from_dit``, ``export_wan_folder``) a ``DiT`` with ``rope_theta``
@@ -123,13 +127,17 @@ def dit_config_from_diffusers(config: Mapping[str, Any]) -> DiTConfig:
     if class_name is not None and class_name != _CLASS_NAME:
         raise WanConversionError(f"_class_name is {class_name!r}; only {_CLASS_NAME!r} converts")
     c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if k in _DIFFUSERS_DEFAULTS}}
-    if c["image_dim"] is not None:
+    if (c["image_dim"] is None) != (c["added_kv_proj_dim"] is None):
         raise WanConversionError(
-            f"image_dim={c['image_dim']} (Wan2.1 I2V CLIP image branch) is not supported; use a model without image_dim"
+            f"image_dim={c['image_dim']} with added_kv_proj_dim={c['added_kv_proj_dim']}: the CLIP image branch needs "
+            "both (Wan2.1 I2V) or neither (text-to-video)"
         )
-    if c["added_kv_proj_dim"] is not None:
+    inner_dim = c["num_attention_heads"] * c["attention_head_dim"]
+    if c["added_kv_proj_dim"] is not None and c["added_kv_proj_dim"] != inner_dim:
+        # the image keys/values project the embedded image tokens, which have the model width
         raise WanConversionError(
-            f"added_kv_proj_dim={c['added_kv_proj_dim']} (image key/value projections) is not supported"
+            f"added_kv_proj_dim={c['added_kv_proj_dim']} differs from the model width {inner_dim} "
+            "(num_attention_heads * attention_head_dim); only Wan2.1 I2V's added_kv_proj_dim == width converts"
         )
     if c["pos_embed_seq_len"] is not None:
         raise WanConversionError(
@@ -163,6 +171,7 @@ def dit_config_from_diffusers(config: Mapping[str, Any]) -> DiTConfig:
             cross_attn_norm=bool(c["cross_attn_norm"]),
             eps=float(c["eps"]),
             rope_max_seq_len=c["rope_max_seq_len"],
+            image_dim=c["image_dim"],
         )
     except ValueError as e:
         raise WanConversionError(f"config does not fit DiTConfig: {e}") from e
@@ -202,8 +211,8 @@ def diffusers_config_from_dit(cfg: DiTConfig) -> dict[str, Any]:
         "cross_attn_norm": cfg.cross_attn_norm,
         "qk_norm": "rms_norm_across_heads",
         "eps": cfg.eps,
-        "image_dim": None,
-        "added_kv_proj_dim": None,
+        "image_dim": cfg.image_dim,
+        "added_kv_proj_dim": None if cfg.image_dim is None else cfg.dim,
         "rope_max_seq_len": cfg.rope_max_seq_len,
         "pos_embed_seq_len": None,
     }
@@ -224,6 +233,12 @@ def _key_map(cfg: DiTConfig) -> dict[str, str]:
     linear("condition_embedder.time_proj", "time_proj.1")
     linear("condition_embedder.text_embedder.linear_1", "text_proj.0")
     linear("condition_embedder.text_embedder.linear_2", "text_proj.2")
+    if cfg.image_dim is not None:
+        img = "condition_embedder.image_embedder"
+        linear(f"{img}.norm1", "image_embed.norm1")
+        linear(f"{img}.ff.net.0.proj", "image_embed.fc1")
+        linear(f"{img}.ff.net.2", "image_embed.fc2")
+        linear(f"{img}.norm2", "image_embed.norm2")
     for i in range(cfg.num_layers):
         src, dst = f"blocks.{i}", f"blocks.{i}"
         for a_src, a_dst in (("attn1", "self_attn"), ("attn2", "cross_attn")):
@@ -232,6 +247,10 @@ def _key_map(cfg: DiTConfig) -> dict[str, str]:
             linear(f"{src}.{a_src}.to_out.0", f"{dst}.{a_dst}.to_out")
             for norm in ("norm_q", "norm_k"):
                 m[f"{src}.{a_src}.{norm}.weight"] = f"{dst}.{a_dst}.{norm}.weight"
+        if cfg.image_dim is not None:
+            linear(f"{src}.attn2.add_k_proj", f"{dst}.cross_attn.add_k_proj")
+            linear(f"{src}.attn2.add_v_proj", f"{dst}.cross_attn.add_v_proj")
+            m[f"{src}.attn2.norm_added_k.weight"] = f"{dst}.cross_attn.norm_added_k.weight"
         if cfg.cross_attn_norm:
             linear(f"{src}.norm2", f"{dst}.cross_norm")
         linear(f"{src}.ffn.net.0.proj", f"{dst}.ffn.fc1")
@@ -451,6 +470,8 @@ def _parity_claim(dit: DiT) -> dict[str, Any]:
     """Which ``DiT`` outputs the exported ``WanTransformer3DModel`` reproduces, and which it cannot."""
     cfg = dit.cfg
     call, conditions = "DiT(x, t, context)", ["bidirectional attention (layout=None, cache=None)"]
+    if cfg.image_dim is not None:  # diffusers: encoder_hidden_states_image, with a 512-token prompt
+        call = "DiT(x, t, context, image_context_BLiD=clip_tokens)"
     missing = [
         "block-causal and cached (streaming) attention: diffusers' model attends bidirectionally, so running the "
         "student causally needs streamkd's streaming loop or other code applying the block-causal mask"

@@ -5,7 +5,10 @@ Two ways in (``streamkd.bundle.load_model`` picks by the folder's files):
 * a diffusers ``WanPipeline`` folder (``model_index.json``): its ``transformer/`` becomes the
   bidirectional teacher (``streamkd.models.wan.load_wan_dit``), ``vae/`` the codec
   (``streamkd.models.wan_vae``), ``tokenizer/`` + ``text_encoder/`` the UMT5 text encoder
-  (``streamkd.models.text``);
+  (``streamkd.models.text``); a Wan2.1 ``WanImageToVideoPipeline`` folder adds ``image_encoder/``
+  + ``image_processor/``, the CLIP image encoder (``streamkd.models.image_encoder``), and its
+  transformer reads the first frame twice: as CLIP tokens (``image_context``) and as 20 channels
+  concatenated to the latents (``image_condition``);
 * a student (or any DiT) saved by streamkd from one: ``config.json`` (``WanModelConfig``, with
   ``"kind": "wan"``) + ``model.safetensors`` holding the DiT alone. The frozen VAE and text encoder
   are not copied (gigabytes for Wan2.1: UMT5-XXL is 11 GB in bf16): the config names the pipeline
@@ -45,7 +48,10 @@ PIPELINE_COMPONENTS = {
 }
 """What a Wan text-to-video pipeline folder must hold (subfolder -> the class it must name)."""
 
-SUPPORTED_PIPELINES = ("WanPipeline",)
+I2V_COMPONENTS = {"image_encoder": "CLIPVisionModel", "image_processor": None}
+"""What a Wan2.1 image-to-video folder holds besides (Wan2.2 I2V folders have no image encoder)."""
+
+SUPPORTED_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
 
 
 @dataclass
@@ -107,9 +113,10 @@ class WanModelConfig:
 class _Frozen:
     """The components a Wan bundle reads but never trains, shared by teacher, student and critic."""
 
-    def __init__(self, codec: nn.Module, text_encoder: nn.Module) -> None:
+    def __init__(self, codec: nn.Module, text_encoder: nn.Module, image_encoder: nn.Module | None = None) -> None:
         self.codec = codec
         self.text_encoder = text_encoder
+        self.image_encoder = image_encoder  # CLIP, image-to-video folders only
         self.prompt_cache = None  # a PromptEmbeddingCache in front of the text encoder (training runs)
 
     def __deepcopy__(self, memo: dict) -> "_Frozen":
@@ -127,13 +134,21 @@ def check_pipeline_folder(folder: Path) -> dict:
     if name not in SUPPORTED_PIPELINES:
         raise CheckpointError(
             f"{index_path} names {name!r}; streamkd reads {', '.join(SUPPORTED_PIPELINES)} folders (Wan2.1 text-to-video: "
-            "transformer + UMT5 + AutoencoderKLWan). Image-to-video Wan folders add a CLIP image branch streamkd does not convert"
+            "transformer + UMT5 + AutoencoderKLWan; Wan2.1 image-to-video adds a CLIP image encoder)"
         )
-    for sub, cls in PIPELINE_COMPONENTS.items():
+    components = dict(PIPELINE_COMPONENTS)
+    if name == "WanImageToVideoPipeline":
+        if (index.get("image_encoder") or [None])[0] is None or index.get("expand_timesteps"):
+            raise CheckpointError(
+                f"{index_path} names {name} without a CLIP image encoder (Wan2.2 I2V: the first frame enters through "
+                "the latents alone); streamkd reads Wan2.1 I2V folders, which hold image_encoder/"
+            )
+        components.update(I2V_COMPONENTS)
+    for sub, cls in components.items():
         path = folder / sub
         if sub not in index or not path.is_dir():
             raise CheckpointError(f"{folder} has no {sub}/ component (model_index.json or folder missing); a Wan pipeline "
-                                  f"folder needs {', '.join(PIPELINE_COMPONENTS)}: re-save it with WanPipeline.save_pretrained")
+                                  f"folder needs {', '.join(components)}: re-save it with {name}.save_pretrained")
         entry = index[sub]
         if cls is not None and isinstance(entry, list) and len(entry) == 2 and entry[1] != cls:
             raise CheckpointError(f"{folder}/model_index.json: {sub} is a {entry[1]}, expected {cls}")
@@ -166,14 +181,30 @@ class WanModel(nn.Module):
         codec = WanVAECodec.from_pretrained(folder).to(device)
         text = UMT5TextEncoder.from_pretrained(folder, max_length=cfg.max_text_length,
                                                negative_prompt=cfg.negative_prompt).to(device)
-        return _Frozen(codec, text)
+        image = None
+        if cfg.dit.image_dim is not None:
+            from streamkd.models.image_encoder import CLIPImageEncoder
+
+            image = CLIPImageEncoder.from_pretrained(folder).to(device)
+        return _Frozen(codec, text, image)
 
     def _check_geometry(self) -> None:
         cfg, codec = self.cfg, self.frozen.codec
-        if cfg.dit.in_channels != codec.latent_channels or cfg.dit.out_channels != codec.latent_channels:
+        C = codec.latent_channels
+        # image-to-video reads the latents, the first-frame mask (one channel per frame of the VAE's
+        # temporal stride) and the first frame's latents: 16 + 4 + 16 = 36 for Wan2.1 I2V
+        want_in = C if cfg.dit.image_dim is None else 2 * C + codec.temporal_factor
+        if cfg.dit.in_channels != want_in or cfg.dit.out_channels != C:
             raise CheckpointError(
                 f"transformer in/out channels ({cfg.dit.in_channels}/{cfg.dit.out_channels}) do not match the VAE's "
-                f"{codec.latent_channels} latent channels (vae/config.json z_dim); the transformer and VAE come from different models"
+                f"{C} latent channels (vae/config.json z_dim; {want_in}/{C} expected"
+                f"{'' if cfg.dit.image_dim is None else ' for image-to-video'}); the transformer and VAE come from different models"
+            )
+        image = self.frozen.image_encoder
+        if (cfg.dit.image_dim is None) != (image is None) or (image is not None and image.dim != cfg.dit.image_dim):
+            raise CheckpointError(
+                f"the transformer's image_dim ({cfg.dit.image_dim}) does not match the CLIP image encoder "
+                f"({'none' if image is None else f'width {image.dim}'}); the transformer and image encoder come from different models"
             )
         _, ph, pw = cfg.dit.patch_size
         stride_h, stride_w = codec.spatial_factor * ph, codec.spatial_factor * pw
@@ -236,6 +267,8 @@ class WanModel(nn.Module):
         super()._apply(fn, recurse)
         self.frozen.codec._apply(fn, recurse)
         self.frozen.text_encoder._apply(fn, recurse)
+        if self.frozen.image_encoder is not None:
+            self.frozen.image_encoder._apply(fn, recurse)
         return self
 
     # ---------------------------------------------------------------- the bundle (streamkd.bundle)
@@ -300,6 +333,35 @@ class WanModel(nn.Module):
         if count > self.cfg.max_text_length:
             raise ValueError(f"the prompt is {count} tokens, this model reads at most {self.cfg.max_text_length}; shorten it")
         return prompt
+
+    @property
+    def is_image_to_video(self) -> bool:
+        """The transformer reads the first frame as CLIP tokens and as concatenated channels
+        (Wan2.1 I2V): every call needs ``image_inputs``."""
+        return self.cfg.dit.image_dim is not None
+
+    @torch.no_grad()
+    def image_inputs(self, first_frames_BHWC: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(condition_BCFhw, image_context_BLiD)`` for an image-to-video clip of ``num_frames`` latent
+        frames starting at the uint8 frames ``first_frames_BHWC``, as ``WanImageToVideoPipeline`` builds them.
+
+        ``condition``: ``temporal_factor`` mask channels (1 at the first latent frame -- it covers
+        the first pixel frame, which is the image -- 0 after) then the normalised posterior-mean
+        latents of the pixel video ``[image, 0, 0, ...]`` (its ``1 + 4 (F - 1)`` frames); the DiT
+        reads ``cat([latents, condition], channels)``. ``image_context``: the CLIP tokens of the
+        image. Both are the same for every denoising step and for both CFG rows."""
+        if not self.is_image_to_video:
+            raise ValueError("this Wan model is text-to-video (no image_dim): it takes no image inputs")
+        codec, dev = self.frozen.codec, self.dit.proj_out.weight.device
+        dtype = self.dit.proj_out.weight.dtype
+        B, H, W, _ = first_frames_BHWC.shape
+        image_BFHWC = first_frames_BHWC[:, None].to(torch.float32).div(127.5).sub(1.0)
+        video_BFHWC = torch.cat([image_BFHWC, image_BFHWC.new_zeros(B, codec.temporal_factor * (num_frames - 1), H, W, 3)], 1)
+        latents_BCFhw = codec.encode_float(video_BFHWC).to(dev, dtype)
+        mask_BTFhw = torch.zeros(B, codec.temporal_factor, *latents_BCFhw.shape[2:], device=dev, dtype=dtype)
+        mask_BTFhw[:, :, 0] = 1
+        context_BLiD = self.frozen.image_encoder.encode(first_frames_BHWC).to(dev, dtype)
+        return torch.cat([mask_BTFhw, latents_BCFhw], 1), context_BLiD
 
     def first_frame(self, seed: int, prompt: str) -> None:
         """No default first frame: a Wan stream is text-to-video unless an image is given."""

@@ -183,6 +183,16 @@ class WanVAECodec(nn.Module):
         return self._encode_chunk(frames_BFHWC, [None] * self._encoder_slots, first=True)
 
     @torch.no_grad()
+    def encode_float(self, frames_BFHWC: torch.Tensor) -> torch.Tensor:
+        """Frames in [-1, 1] ``(B, 1 + 4k, H, W, 3)`` -> normalised latents, for inputs uint8 cannot
+        hold: Wan2.1 I2V encodes ``[image, zeros...]``, and 0 lies between two uint8 levels."""
+        if not frames_BFHWC.is_floating_point():
+            raise ValueError(f"encode_float takes float frames in [-1, 1], got {frames_BFHWC.dtype}; use encode for uint8")
+        self._check_frames(frames_BFHWC, "encode_float", first=True, uint8=False)
+        x = frames_BFHWC.to(self.vae.device, self.vae.dtype)
+        return self._encode_scaled(x, [None] * self._encoder_slots, first=True)
+
+    @torch.no_grad()
     def decode_float(self, latents_BCFhw: torch.Tensor) -> torch.Tensor:
         """Normalised latents ``(B, C, F, h, w)`` -> frames ``(B, 1 + 4(F - 1), H, W, 3)`` in [-1, 1]."""
         self._check_latents(latents_BCFhw)
@@ -199,10 +209,10 @@ class WanVAECodec(nn.Module):
         return WanStreamEncoder(self)
 
     # ---------------------------------------------------------------------------------- internals
-    def _check_frames(self, frames_BFHWC: torch.Tensor, who: str, first: bool) -> None:
+    def _check_frames(self, frames_BFHWC: torch.Tensor, who: str, first: bool, uint8: bool = True) -> None:
         if frames_BFHWC.ndim != 5 or frames_BFHWC.shape[-1] != 3:
             raise ValueError(f"{who} takes RGB frames (B, F, H, W, 3), got shape {tuple(frames_BFHWC.shape)}")
-        if frames_BFHWC.dtype != torch.uint8:
+        if uint8 and frames_BFHWC.dtype != torch.uint8:
             raise ValueError(f"{who} takes uint8 frames (0..255), got {frames_BFHWC.dtype}; quantise them first, "
                              f"e.g. [-1, 1] floats with x.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)")
         F, H, W = frames_BFHWC.shape[1:4]
@@ -229,9 +239,13 @@ class WanVAECodec(nn.Module):
 
     def _encode_chunk(self, frames_BFHWC: torch.Tensor, cache: list, first: bool) -> torch.Tensor:
         """uint8 frames -> normalised latents, continuing the stream whose encoder cache is ``cache``."""
-        vae = self.vae
         # Scale in fp32 and cast once: in bf16 the division and the subtraction would each round.
-        x = frames_BFHWC.to(vae.device, torch.float32).div(127.5).sub(1.0).to(vae.dtype)
+        x = frames_BFHWC.to(self.vae.device, torch.float32).div(127.5).sub(1.0).to(self.vae.dtype)
+        return self._encode_scaled(x, cache, first)
+
+    def _encode_scaled(self, x: torch.Tensor, cache: list, first: bool) -> torch.Tensor:
+        """[-1, 1] frames ``(B, F, H, W, 3)`` in the VAE's dtype -> normalised latents."""
+        vae = self.vae
         x_BPFHW = patchify(x.permute(0, 4, 1, 2, 3).contiguous(), self.patch)
         # diffusers' _encode chunking: frame 0 alone, then 4 frames per call -> one latent frame per call.
         starts = ([0] if first else []) + list(range(1 if first else 0, x_BPFHW.shape[2], 4))

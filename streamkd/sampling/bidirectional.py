@@ -2,6 +2,9 @@
 
 Same conventions as ``streamkd.sampling.stream`` (per-frame timesteps, frame 0 held clean for
 image-to-video, CFG as ``uncond + s (cond - uncond)`` dropping prompt and actions together).
+A Wan2.1 image-to-video model (``dit.cfg.image_dim`` set) is conditioned as its pipeline does
+instead: every frame is denoised, and the first frame enters as concatenated condition channels and
+CLIP tokens (``WanModel.image_inputs``), the same in both CFG rows (only the prompt is dropped).
 """
 
 from __future__ import annotations
@@ -35,8 +38,16 @@ def sample_clip(
         actions = actions_BF.to(device)
         if use_cfg:
             actions = torch.cat([actions, torch.full_like(actions, model.dit.null_action)])
-    first = None if first_frames_BHWC is None else model.codec.encode(first_frames_BHWC[:, None]).to(device, dtype)
     rows = 2 if use_cfg else 1
+    cond_BCFhw = image_BLiD = None
+    if model.dit.cfg.image_dim is not None:  # Wan2.1 I2V (a WanModel): the first frame as CLIP tokens + channels
+        if first_frames_BHWC is None:
+            raise ValueError("this is an image-to-video model: pass the first frames (generate: --image)")
+        cond_BCFhw, image_BLiD = model.image_inputs(first_frames_BHWC, num_frames)
+        cond_BCFhw = cond_BCFhw.repeat(rows, 1, 1, 1, 1)
+        image_BLiD = image_BLiD.repeat(rows, 1, 1)
+        first_frames_BHWC = None  # not held clean: the condition carries it
+    first = None if first_frames_BHWC is None else model.codec.encode(first_frames_BHWC[:, None]).to(device, dtype)
     x = torch.randn(shape, generator=generator).to(device, dtype)
     t_BF = torch.empty(B * rows, num_frames, device=device)
     for i in range(sampler.num_steps):
@@ -45,7 +56,10 @@ def sample_clip(
         t_BF.fill_(1000.0 * sampler.sigmas[i])
         if first is not None:
             t_BF[:, 0] = 0.0
-        v = guided(model.dit(x.repeat(rows, 1, 1, 1, 1), t_BF, context, actions), B, guidance_scale)
+        x_in = x.repeat(rows, 1, 1, 1, 1)
+        if cond_BCFhw is not None:
+            x_in = torch.cat([x_in, cond_BCFhw], 1)
+        v = guided(model.dit(x_in, t_BF, context, actions, image_context_BLiD=image_BLiD), B, guidance_scale)
         noise = torch.randn(shape, generator=generator).to(device, dtype) if sampler.stochastic else None
         x = sampler.step(v, i, x, noise)
     if first is not None:

@@ -65,6 +65,10 @@ class StreamGenerator:
         causal = causal or model.cfg.causal
         if causal is None:
             raise ValueError("StreamGenerator needs a causal config (chunk/sink/window); pass causal=CausalConfig(...)")
+        if getattr(model.dit.cfg, "image_dim", None) is not None:
+            raise ValueError("this is a Wan2.1 image-to-video model (CLIP image branch): it samples bidirectionally "
+                             "(streamkd generate --image) but does not stream or distil yet; distil a text-to-video "
+                             "Wan folder with data= (first frames from videos) for an image-to-video student")
         self.model = model
         self.sampler = sampler
         self.causal = causal
