@@ -191,11 +191,16 @@ def _read_image(path: str, frame_hw: tuple[int, int]):
 
 
 def cmd_make_tiny_wan(args) -> None:
-    from streamkd.models.tiny_wan import make_tiny_wan
+    from streamkd.models.tiny_wan import make_tiny_wan, make_tiny_wan_i2v
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; pick a new folder")
+    if args.i2v:
+        make_tiny_wan_i2v(out, seed=args.seed)
+        print(f"wrote a tiny random Wan2.1 image-to-video pipeline to {out} (the text-to-video components plus "
+              "image_encoder and image_processor)")
+        return
     make_tiny_wan(out, seed=args.seed)
     print(f"wrote a tiny random Wan2.1 pipeline to {out} (model_index.json, transformer, vae, text_encoder, tokenizer, scheduler)")
 
@@ -605,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "test bed; nothing downloaded)")
     p.add_argument("--out", required=True, help="folder to create (WanPipeline.save_pretrained layout)")
     p.add_argument("--seed", type=int, default=0, help="weights seed")
+    p.add_argument("--i2v", action="store_true", help="a WanImageToVideoPipeline folder (with a tiny CLIP image encoder)")
     p.set_defaults(func=cmd_make_tiny_wan)
 
     p = sub.add_parser("generate", help="render a video from a checkpoint (offline, any length for causal models)")

@@ -291,3 +291,20 @@ def test_streaming_an_i2v_model_is_refused_with_the_way(i2v_folder) -> None:
     model = load_model(i2v_folder, wan=WanOptions(height=32, width=48, horizon_frames=3, max_text_length=TEXT_TOKENS))
     with pytest.raises(ValueError, match="does not stream or distil yet"):
         StreamGenerator(model, FewStepSampler([1.0]), causal=CausalConfig(chunk_frames=1, sink_frames=1, window_frames=1))
+
+
+def test_make_tiny_wan_i2v_cli_then_generate_from_an_image(tmp_path) -> None:
+    """The command-line path: a tiny I2V folder, then a clip from an image through it."""
+    import numpy as np
+    from PIL import Image
+
+    from streamkd.cli import main
+
+    folder = tmp_path / "tiny-i2v"
+    assert main(["make-tiny-wan", "--i2v", "--out", str(folder)]) == 0
+    image = tmp_path / "first.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "i2v.mp4"
+    assert main(["generate", "--checkpoint", str(folder), "--image", str(image), "--prompt", "a boat", "--height", "32",
+                 "--width", "48", "--frames", "9", "--steps", "2", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
