@@ -71,6 +71,13 @@ def _resolve_vae_folder(folder: str | Path) -> Path:
     )
 
 
+def _check_same_stream(started: tuple[int, int, int] | None, shape: tuple[int, int, int], what: str, factory: str) -> None:
+    """A stream's pushes keep the (batch, height, width) of its first push (None: this is the first)."""
+    if started is not None and shape != started:
+        raise ValueError(f"this stream started with batch {started[0]} at {started[1]}x{started[2]} {what}; "
+                         f"got batch {shape[0]} at {shape[1]}x{shape[2]} -- start a new {factory}() for a new shape")
+
+
 class WanStreamDecoder:
     """Decodes a latent video chunk by chunk; holds this stream's decoder feature cache.
 
@@ -89,9 +96,7 @@ class WanStreamDecoder:
         self.codec._check_latents(latents_BCFhw)
         first = self._shape is None
         shape = (latents_BCFhw.shape[0], *latents_BCFhw.shape[3:])
-        if not first and shape != self._shape:
-            raise ValueError(f"this stream started with batch {self._shape[0]} at {self._shape[1]}x{self._shape[2]} latents; "
-                             f"got batch {shape[0]} at {shape[1]}x{shape[2]} -- start a new stream_decoder() for a new shape")
+        _check_same_stream(self._shape, shape, "latents", "stream_decoder")
         frames = self.codec._decode_chunk(latents_BCFhw, self._cache, first)
         self._shape = shape
         return frames
@@ -119,9 +124,7 @@ class WanStreamEncoder:
         first = self._shape is None
         self.codec._check_frames(frames_BFHWC, "the first push" if first else "each push after the first", first)
         shape = (frames_BFHWC.shape[0], *frames_BFHWC.shape[2:4])
-        if not first and shape != self._shape:
-            raise ValueError(f"this stream started with batch {self._shape[0]} at {self._shape[1]}x{self._shape[2]} frames; "
-                             f"got batch {shape[0]} at {shape[1]}x{shape[2]} -- start a new stream_encoder() for a new shape")
+        _check_same_stream(self._shape, shape, "frames", "stream_encoder")
         latents = self.codec._encode_chunk(frames_BFHWC, self._cache, first)
         self._shape = shape
         return latents
