@@ -153,6 +153,13 @@ class ModelBundle(Protocol):
     def save(self, folder: str | Path, dtype: torch.dtype | None = None) -> None: ...
 
 
+def trains_text_encoder(model) -> bool:
+    """True when a bundle's text encoder is in its module tree (the toy world's, trained with the
+    DiT: sharded, optimized and saved with it); False for a frozen one kept outside it (Wan's
+    UMT5, shared by every bundle of a run: replicated, and its embeddings may be pre-encoded)."""
+    return any(module is model.text_encoder for module in model.children())
+
+
 def pixel_frames(latent_frames: int, temporal_factor: int) -> int:
     """Frames a latent video of ``latent_frames`` decodes to (Wan: 1 + 4 (F - 1))."""
     return 1 + temporal_factor * (latent_frames - 1) if latent_frames else 0

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from streamkd.bundle import trains_text_encoder
 from streamkd.checkpoint import CheckpointError
 
 
@@ -43,11 +44,15 @@ class DistInfo:
     def enabled(self) -> bool:
         return self.world > 1
 
-    def rows(self, batch: int) -> slice:
-        """This rank's slice of a global batch (equal slices: the mean over ranks is the global mean)."""
+    def per_rank(self, batch: int) -> int:
+        """Rows of a global batch each rank works on."""
         if batch % self.world:
             raise ValueError(f"batch_size {batch} must be divisible by the number of processes ({self.world})")
-        per = batch // self.world
+        return batch // self.world
+
+    def rows(self, batch: int) -> slice:
+        """This rank's slice of a global batch (equal slices: the mean over ranks is the global mean)."""
+        per = self.per_rank(batch)
         return slice(self.rank * per, (self.rank + 1) * per)
 
     def mean(self, value: torch.Tensor) -> float:
@@ -130,7 +135,7 @@ def parallelize(model: torch.nn.Module, engine: str = "fsdp2", compute_dtype: to
     fully_shard(model.dit, **kwargs)
     # a text encoder inside the module tree (the toy world's, trained with the teacher) is sharded
     # too; a frozen one kept outside it (Wan's UMT5, shared by every bundle) is replicated
-    if any(module is model.text_encoder for module in model.children()):
+    if trains_text_encoder(model):
         fully_shard(model.text_encoder, **kwargs)
 
 
@@ -234,19 +239,19 @@ def _require_deepspeed():
 
 
 class Optimized:
-    """A trainable model and its AdamW, stepped by the run's engine: the one place a trainer runs
-    backward, clips and steps. ``local`` (one process) and ``fsdp2`` (a model already sharded by
-    ``parallelize``) use the optimizer directly; ``deepspeed`` hands model and optimizer to a
+    """A trainable model and its AdamW, stepped by the run's engine (``parallel``): the one place a
+    trainer runs backward, clips and steps. ``fsdp2`` uses the optimizer directly (on a model
+    ``parallelize`` sharded, or whole in one process); ``deepspeed`` hands model and optimizer to a
     DeepSpeed engine (ZeRO-2/3), which partitions optimizer state, gradients and, at stage 3,
-    parameters, and clips with the same global-norm rule."""
+    parameters, and clips with the same global-norm rule. ``micro_batch``: rows per rank and step."""
 
     def __init__(self, model: torch.nn.Module, param_groups: list[dict], *, lr: float, weight_decay: float, grad_clip: float,
-                 engine: str, micro_batch: int, deepspeed: DeepSpeedOptions | None = None) -> None:
+                 parallel: str, micro_batch: int, deepspeed: DeepSpeedOptions | None = None) -> None:
         self.model = model
         self.grad_clip = grad_clip
         self.opt = torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
         self.engine = None
-        if engine == "deepspeed":
+        if parallel == "deepspeed":
             ds = _require_deepspeed()
             config = _deepspeed_config(deepspeed or DeepSpeedOptions(), micro_batch, grad_clip)
             self.engine, self.opt, _, _ = ds.initialize(model=model, optimizer=self.opt, config=config)

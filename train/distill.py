@@ -306,9 +306,8 @@ class DistillTrainer:
             for model, trainable in ((self.student, True), (self.ema, False), (self.critic, True), (self.teacher, False)):
                 if model is not None:
                     distributed.parallelize(model, cfg.parallel, cfg.runtime.dtype if trainable else None)
-        engine = cfg.parallel if self.dist.enabled or cfg.parallel == "deepspeed" else "local"
-        optimized = dict(weight_decay=0.0, grad_clip=cfg.grad_clip, engine=engine, micro_batch=len(range(cfg.batch_size)[self.rows]),
-                         deepspeed=cfg.deepspeed)
+        optimized = dict(weight_decay=0.0, grad_clip=cfg.grad_clip, parallel=cfg.parallel,
+                         micro_batch=self.dist.per_rank(cfg.batch_size), deepspeed=cfg.deepspeed)
         trainable = [p for p in self.student.parameters() if p.requires_grad]
         self.opt = distributed.Optimized(self.student, [{"params": trainable}], lr=cfg.lr, **optimized)
         self.trainables = {"model": self.opt}

@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 
 from streamkd import distributed
-from streamkd.bundle import checkpoint_kind, latent_actions, load_model, pixel_frames
+from streamkd.bundle import checkpoint_kind, latent_actions, load_model, pixel_frames, trains_text_encoder
 from streamkd.checkpoint import latest_checkpoint, load_training_checkpoint
 from streamkd.config import from_dict, to_dict
 from streamkd.data.loader import open_training_data, step_batches
@@ -167,7 +167,8 @@ class NonFiniteLossError(ArithmeticError):
 
 
 def flow_matching_loss(
-    model: WorldModel, batch: dict, cfg: TeacherTrainConfig, gen: torch.Generator, rows: slice = slice(None)
+    model: WorldModel, batch: dict, cfg: TeacherTrainConfig, gen: torch.Generator, rows: slice = slice(None),
+    null_context: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One teacher loss on this rank's ``rows`` of the global batch (``batch`` holds those rows
     only); all randomness drawn from ``gen`` in a fixed order.
@@ -204,7 +205,7 @@ def flow_matching_loss(
     if model.num_actions:  # host data, as the DiT expects; a model without actions ignores the clips'
         actions = latent_actions(batch["actions"], model.codec.temporal_factor).clone()  # one per latent frame
         actions[drop_actions[rows]] = model.dit.null_action
-    v = model.dit(x_t, 1000.0 * s_bF, _context(model, batch, prompts, drop_b), actions)
+    v = model.dit(x_t, 1000.0 * s_bF, _context(model, batch, prompts, drop_b, null_context), actions)
     weight_BF = torch.ones(B, num_f)
     weight_BF[i2v, 0] = 0.0
     err_BF = (v.float() - target.float()).pow(2).mean(dim=(1, 3, 4))
@@ -214,18 +215,18 @@ def flow_matching_loss(
     return (err_BF * weight_BF[rows].to(dev)).sum() * share / weight_BF.sum().to(dev)
 
 
-def _context(model, batch: dict, prompts: list[str], dropped: list[bool]) -> torch.Tensor:
+def _context(model, batch: dict, prompts: list[str], dropped: list[bool], null_context: torch.Tensor | None) -> torch.Tensor:
     """The prompts' context: pre-encoded in the shards (``batch["context"]``) when the text
-    encoder is frozen -- the step then never runs it, what pre-encoding is for -- with the
-    unconditional prompt's for the dropped rows; else the encoder's own (the toy teacher trains
-    its prompt encoder, so shards' embeddings would be stale)."""
-    frozen = not any(module is model.text_encoder for module in model.children())
-    if "context" not in batch or not frozen:
+    encoder is frozen -- the step then never runs it, what pre-encoding is for -- with
+    ``null_context`` (the unconditional prompt's, encoded once by the trainer) for the dropped
+    rows; else the encoder's own (the toy teacher trains its prompt encoder, so shards'
+    embeddings would be stale)."""
+    if "context" not in batch or trains_text_encoder(model):
         return model.encode_prompts(prompts)
     ctx = batch["context"].to(model.dit.proj_out.weight.device)
     if any(dropped):
-        null = model.encode_prompts([model.null_prompt]).to(ctx)
-        ctx = torch.where(torch.tensor(dropped, device=ctx.device)[:, None, None], null, ctx)
+        assert null_context is not None, "a frozen text encoder's trainer encodes the unconditional prompt once"
+        ctx = torch.where(torch.tensor(dropped, device=ctx.device)[:, None, None], null_context.to(ctx), ctx)
     return ctx
 
 
@@ -248,17 +249,21 @@ class TeacherTrainer:
         if self.dist.enabled:
             distributed.parallelize(self.model, cfg.parallel, cfg.runtime.dtype)
             distributed.parallelize(self.ema, cfg.parallel)
-        engine = cfg.parallel if self.dist.enabled or cfg.parallel == "deepspeed" else "local"
         self.opt = distributed.Optimized(
             self.model, param_groups(self.model, cfg.qk_norm_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay,
-            grad_clip=cfg.grad_clip, engine=engine, micro_batch=len(range(cfg.batch_size)[self.dist.rows(cfg.batch_size)]),
+            grad_clip=cfg.grad_clip, parallel=cfg.parallel, micro_batch=self.dist.per_rank(cfg.batch_size),
             deepspeed=cfg.deepspeed,
         )
         if cfg.data is None:
             self.data = ToyClipDataset(cfg.model.world, cfg.model.horizon_frames, base_seed=cfg.seed)
         else:  # shards' prompt embeddings serve a frozen text encoder (Wan's UMT5), not one that trains (the toy's)
-            frozen_text = not any(module is self.model.text_encoder for module in self.model.children())
-            self.data = open_training_data(cfg.data, self.model, check=("codec", "text") if frozen_text else ("codec",))
+            parts = ("codec",) if trains_text_encoder(self.model) else ("codec", "text")
+            self.data = open_training_data(cfg.data, self.model, check=parts)
+        # a frozen text encoder's unconditional context, once: dropped rows of pre-encoded batches read it
+        self.null_context = None
+        if not trains_text_encoder(self.model):
+            with torch.no_grad():
+                self.null_context = self.model.encode_prompts([self.model.null_prompt])
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.out = Path(cfg.out_dir)
@@ -353,7 +358,7 @@ class TeacherTrainer:
                 for group in self.opt.param_groups:
                     group["lr"] = self._lr(self.step) * group["lr_mult"]
                 with cfg.runtime.autocast():
-                    loss = flow_matching_loss(self.model, batch, cfg, self.gen, self.dist.rows(cfg.batch_size))
+                    loss = flow_matching_loss(self.model, batch, cfg, self.gen, self.dist.rows(cfg.batch_size), self.null_context)
                 loss_value = self.dist.mean(loss)
                 if not math.isfinite(loss_value):
                     raise NonFiniteLossError(
