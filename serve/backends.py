@@ -327,6 +327,7 @@ class ModelBackend:
         cache.anchor_camera_B2.copy_(target.anchor_camera_B2)
         cache.anchor_valid_B.copy_(target.anchor_valid_B)
         cache.camera_known_B.copy_(target.camera_known_B)
+        cache.keeps_latents = target.keeps_latents  # its pages replace target's: rendered memory reads them
         return cache
 
     def _write_frames(self, cache: KVCache, frames: list[tuple[int, torch.Tensor, int]], camera: torch.Tensor,

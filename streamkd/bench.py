@@ -101,8 +101,10 @@ DEFAULT_MEMORIES: dict[str, MemoryConfig | None] = {
     "compressed": MemoryConfig(compressed_frames=12, fine_frames=6),
     "bank": MemoryConfig(bank_frames=16, retrieve_frames=3),
     "both": MemoryConfig(compressed_frames=12, fine_frames=6, bank_frames=16, retrieve_frames=3),
+    "bank rendered": MemoryConfig(bank_frames=16, retrieve_frames=3, render=True),
 }
-"""Memory variants of ``bench_memory``: none (the contiguous sinks + window cache), each tier alone, both."""
+"""Memory variants of ``bench_memory``: none (the contiguous sinks + window cache), each tier alone,
+both, and the bank rendered into the anchor (for models with anchor channels)."""
 
 
 def _cache_figures(cache) -> dict:
@@ -147,7 +149,10 @@ def bench_memory(
     ``window`` compare chunks of the same moment. ``frames``: the milestones (frames generated)."""
     if causal is None:
         raise ValueError("bench memory measures the causal chunk loop: use a causal checkpoint or pass --causal")
-    memories = dict(DEFAULT_MEMORIES if memories is None else memories)
+    if memories is None:
+        memories = {name: m for name, m in DEFAULT_MEMORIES.items()
+                    if m is None or not m.render or model.dit.cfg.anchor_warp}
+    memories = dict(memories)
     if not memories or not frames or min(frames) < 1:
         raise ValueError("bench memory needs at least one memory variant and positive frame milestones")
     sampling = sampling or model.cfg.sampling

@@ -31,11 +31,12 @@ TOY_SHIFTS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
 COMPRESSED = MemoryConfig(compressed_frames=4, fine_frames=2)
 BANK = MemoryConfig(bank_frames=3, retrieve_frames=2, admit_coverage=0.1, wrap_tokens=8)
 BOTH = MemoryConfig(compressed_frames=4, fine_frames=2, bank_frames=3, retrieve_frames=2, admit_coverage=0.1, wrap_tokens=8)
+RENDERED = replace(BANK, render=True)
 
 
-def _dit(shifts) -> DiT:
+def _dit(shifts, anchor_warp: bool = False) -> DiT:
     cfg = DiTConfig(in_channels=4, out_channels=4, num_layers=2, num_heads=2, head_dim=12, ffn_dim=32, text_dim=8,
-                    num_actions=5, action_shifts=shifts)
+                    num_actions=5, action_shifts=shifts, anchor_warp=anchor_warp)
     dit = DiT(cfg).eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -61,11 +62,12 @@ def _walk(frames: int, B: int, gen: torch.Generator) -> torch.Tensor:
 @pytest.mark.parametrize(
     "shifts, memory",
     [(None, COMPRESSED), (None, replace(COMPRESSED, quantize="none")), (TOY_SHIFTS, COMPRESSED),
-     (TOY_SHIFTS, BANK), (TOY_SHIFTS, BOTH)],
-    ids=["plain-compressed-int8", "plain-compressed-float", "camera-compressed", "camera-bank", "camera-both"],
+     (TOY_SHIFTS, BANK), (TOY_SHIFTS, BOTH), (TOY_SHIFTS, RENDERED)],
+    ids=["plain-compressed-int8", "plain-compressed-float", "camera-compressed", "camera-bank", "camera-both",
+         "camera-bank-rendered"],
 )
 def test_streaming_with_memory_equals_full_sequence_replay(shifts, memory: MemoryConfig) -> None:
-    dit = _dit(shifts)
+    dit = _dit(shifts, anchor_warp=memory.render)
     gen = torch.Generator().manual_seed(1)
     B, H, W, frames, chunk, sinks, window = 2, 8, 8, 24, 2, 1, 3
     x = torch.randn(B, 4, frames, H, W, generator=gen)
@@ -88,6 +90,49 @@ def test_streaming_with_memory_equals_full_sequence_replay(shifts, memory: Memor
     assert (tiers["bank"] > 0) == bool(memory.bank_frames)
     if memory.bank_frames:
         assert cache.stats["retrieved"] > 0
+    if memory.render:  # the rendering is read too: the same bank without it gives other frames
+        with torch.no_grad():
+            unrendered = dit(x, t, ctx, actions, layout=CausalLayout(chunk, sinks, window, memory=replace(memory, render=False)))
+        assert (reference - unrendered).abs().max() > 1e-2
+
+
+def test_rendered_memory_draws_a_revisited_place_from_the_bank() -> None:
+    """In a static world every frame is a crop of one latent canvas at its camera, so whatever
+    the anchor channels show must be that canvas. Going out of the first frame's view and coming
+    back past it, rendered memory shows the canvas wherever the bank saw the place -- more than
+    the first frame alone knows -- and exactly it."""
+    dit = _dit(TOY_SHIFTS, anchor_warp=True)
+    gen = torch.Generator().manual_seed(4)
+    H = W = 8  # latent pixels; 4x4 tokens of 2x2
+    canvas = torch.randn(4, 16, 16, generator=gen).repeat(1, 4, 4)  # a torus of 8 tokens (BANK.wrap_tokens)
+    actions = torch.tensor([[0] + [4] * 7 + [3] * 8 + [2] * 4])  # right 7 tokens, back 8, down 4
+    camera = dit.camera_offsets(actions, 1, actions.shape[1])[0]
+    o = 24
+    frames = torch.stack([canvas[:, o + 2 * r : o + 2 * r + H, o + 2 * c : o + 2 * c + W] for r, c in camera.tolist()], 1)[None]
+    ctx = torch.randn(1, 3, 8, generator=gen)
+    seen = []
+    embed = dit._embed_patches
+    dit._embed_patches = lambda x: (seen.append(x[:, 4:]), embed(x))[1]  # spy: the anchor channels and mask
+    known = {}
+    for memory in (RENDERED, BANK):
+        cache = dit.new_cache(batch_size=1, height=H, width=W, sink_frames=1, window_frames=2, chunk_frames=2,
+                              memory=memory)
+        seen.clear()
+        with torch.no_grad():
+            for q0 in range(0, actions.shape[1], 2):
+                part = slice(q0, q0 + 2)
+                dit(frames[:, :, part], torch.zeros(1, 2), ctx, actions[:, part], cache=cache, write_cache=True)
+        assert len(seen) == actions.shape[1] // 2
+        masks = []
+        for q0, cond in zip(range(0, actions.shape[1], 2), seen):
+            anchor, mask = cond[:, :4], cond[:, 4:] > 0
+            truth = frames[:, :, q0 : q0 + 2]
+            torch.testing.assert_close(anchor * mask, truth * mask, atol=0, rtol=0)
+            masks.append(mask)
+        known[memory.render] = torch.stack(masks)
+    # rendered memory knows everything the first frame knows, and more once the bank has entries
+    assert (known[True] >= known[False]).all()
+    assert known[True].sum() > known[False].sum() + 64
 
 
 def test_paged_store_without_memory_equals_contiguous_cache() -> None:
@@ -274,6 +319,9 @@ def test_tier_bytes_follow_the_cost_model() -> None:
         ({"compressed_frames": -1}, "compressed_frames must be >= 0"),
         ({"quantize": "int4"}, "memory.quantize: 'int4' is not allowed"),
         ({"admit_coverage": 2}, "admit_coverage must be in [0, 1]"),
+        ({"render": True}, "memory.render draws the retrieved bank entries into the anchor: it needs a bank"),
+        ({"render": True, "bank_frames": 4, "retrieve_frames": 2, "retrieval": "similarity"},
+         "it needs camera retrieval"),
     ],
 )
 def test_bad_memory_configs_name_the_field(fields: dict, message: str) -> None:
@@ -290,6 +338,8 @@ def test_memory_that_cannot_fit_the_model_is_refused() -> None:
         dit.new_cache(**kw, memory=MemoryConfig(compressed_frames=1))
     with pytest.raises(ValueError, match="retrieval='camera' needs a model with camera actions"):
         _dit(None).new_cache(**kw, memory=MemoryConfig(bank_frames=2, retrieve_frames=1, retrieval="camera"))
+    with pytest.raises(ValueError, match="this model has none .dit.anchor_warp: false.; set memory.render: false"):
+        dit.new_cache(**kw, memory=RENDERED)
 
 
 def test_snapshot_of_another_layout_is_refused() -> None:

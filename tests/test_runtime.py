@@ -35,12 +35,15 @@ def _distill_cfg(teacher_dir: Path, out: Path, **changes) -> DistillConfig:
     return replace(cfg, **changes)
 
 
-@pytest.mark.parametrize("name", ["toy-student", "toy-student-memory6"])
-def test_streaming_makes_every_tensor_on_the_model_device(name: str) -> None:
+@pytest.mark.parametrize("name, render", [("toy-student", False), ("toy-student-memory6", False),
+                                          ("toy-student-memory6", True)])
+def test_streaming_makes_every_tensor_on_the_model_device(name: str, render: bool) -> None:
     """Chunks of two batched streams with actions and CFG (memory tiers and camera retrieval for
-    the memory student), all on the meta device."""
+    the memory student, with and without its bank rendered), all on the meta device."""
     model = load_model(name).to("meta")
     causal = model.cfg.causal
+    if render:
+        causal = replace(causal, memory=replace(causal.memory, render=True))
     stream = StreamGenerator(model, FewStepSampler(model.cfg.sampling.sigmas), causal=causal, batch_size=2, guidance_scale=2.0)
     stream.reset(["forest with red squares", "desert with blue circles"], None, torch.Generator().manual_seed(0))
     chunks = causal.sink_frames // causal.chunk_frames + causal.window_frames // causal.chunk_frames + 3  # past eviction

@@ -3,6 +3,8 @@ keep the cache's meaning (see serve/backends.py)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -88,14 +90,16 @@ def _batched_equals_alone(backend: ModelBackend, model: WorldModel, joins: list[
 
 
 MEMORY = MemoryConfig(compressed_frames=4, fine_frames=2, bank_frames=4, retrieve_frames=2, admit_coverage=0.1)
+RENDERED = replace(MEMORY, render=True)
 
 
-@pytest.mark.parametrize("guidance", [1.0, 2.0], ids=["plain", "cfg"])
-def test_memory_sessions_batch_by_page_tables(guidance: float) -> None:
+@pytest.mark.parametrize("guidance, memory", [(1.0, MEMORY), (2.0, MEMORY), (2.0, RENDERED)],
+                         ids=["plain", "cfg", "cfg-rendered"])
+def test_memory_sessions_batch_by_page_tables(guidance: float, memory: MemoryConfig) -> None:
     """A memory checkpoint: sessions at different points of their streams (different retrieved
-    sets and tier sizes) batch into one forward by their page tables, give what they give alone,
-    and batching copies no cached key or value."""
-    model = tiny_causal_model(CausalConfig(2, 1, 4, memory=MEMORY), guidance=guidance)
+    sets and tier sizes, each rendering its own) batch into one forward by their page tables,
+    give what they give alone, and batching copies no cached key or value."""
+    model = tiny_causal_model(CausalConfig(2, 1, 4, memory=memory), guidance=guidance, anchor_warp=memory.render)
     backend = ModelBackend(model)
     streams = _batched_equals_alone(backend, model, joins=[0, 0, 3, 5], ticks=14)
     assert backend.copied_bytes == 0
@@ -160,6 +164,32 @@ def test_memory_recache_rewrites_recent_keys_and_memory_tiers() -> None:
         ref.reset()
     frames = backend.step([stream], [1])[0]
     assert frames.shape == (2, 32, 32, 3)
+
+
+def test_memory_recache_keeps_rendered_latents() -> None:
+    """With rendered memory every page keeps its frame's clean latent; the prompt-switch
+    re-cache gives sinks, window and bank new pages, and each new page holds the same latent."""
+    model = tiny_causal_model(CausalConfig(2, 1, 4, memory=RENDERED), guidance=2.0, anchor_warp=True)
+    backend = ModelBackend(model)
+    stream = backend.start(_spec(0, model.cfg.world))
+    for c in range(10):
+        backend.step([stream], [_actions(3, c)])
+    cache = stream.gen.cache
+    row = cache._rows[0]
+
+    def latents() -> dict:
+        pages = dict(enumerate(row.sinks)) | dict(row.window) | row.bank
+        return {f: (p, cache.pool.latent[p].clone()) for f, p in pages.items()}
+
+    before = latents()
+    assert row.bank and len(before) == len(row.sinks) + len(row.window) + len(row.bank)
+    backend.switch_prompt(stream, PROMPTS[1])
+    after = latents()
+    assert after.keys() == before.keys()
+    for f, (page, latent) in after.items():
+        assert page != before[f][0], f"frame {f} kept its old page"
+        torch.testing.assert_close(latent, before[f][1], atol=0, rtol=0)
+    assert backend.step([stream], [1])[0].shape == (2, 32, 32, 3)
 
 
 def test_rebase_keeps_the_next_chunk() -> None:

@@ -45,6 +45,17 @@ With camera-anchored RoPE a memory token's spatial position is the world positio
 camera is moved by whole periods to lie nearest the chunk's camera, so a place seen a lap ago
 lines up with the same place now.
 
+**Rendered memory** (``render``, anchor-warp models; Gen3C and the reprojected-memory world
+models condition on memory drawn into the new view the same way). Attention can read a retrieved
+entry, but copying a place from it is a pattern a small student must learn from noise; the
+first frame is copied through a per-token map instead (the anchor channels: its latent moved by
+the camera, and a mask of where it is known). With ``render`` the chunk's retrieved entries are
+drawn into that map as well: per frame of the chunk, each entry's clean latent, moved by the
+camera difference (torus-wrapped like its keys), over the first frame where it sees the place,
+oldest first so the newest view of a place wins. The same entries are attended to as before; a
+page then also holds its frame's clean latent (``C x h x w`` values: 1/200 of the frame's keys
+and values at the toy size, ~1/1400 at Wan2.1-1.3B's), so snapshots and branches share it.
+
 Memory is a deterministic function of the history: the planner below decides from frame indices
 and cameras only (host integers), so a full-sequence forward can replay it (tests).
 """
@@ -91,6 +102,12 @@ class MemoryConfig:
     key cosine (text-to-video); auto: camera when the model has camera actions."""
     wrap_tokens: int = 0
     """World period in tokens on a torus world (the toy world: map size / token size); 0: open."""
+    render: bool = False
+    """Also render the retrieved bank entries into the chunk's anchor channels (models with
+    ``dit.anchor_warp``): where an entry saw the place a frame looks at, its clean latent, moved
+    by the camera, takes the place of the first frame's; the newest entry wins. What attention
+    would have to find in memory becomes a per-token map, as for the first frame (see
+    "Rendered memory" above). Pages then also keep their frame's clean latent."""
 
     def __post_init__(self) -> None:
         for name in ("compressed_frames", "fine_frames", "bank_frames", "retrieve_frames", "wrap_tokens"):
@@ -113,6 +130,12 @@ class MemoryConfig:
             raise ValueError(f"memory.quantize must be 'int8' or 'none', got {self.quantize!r}")
         if self.retrieval not in ("auto", "camera", "similarity"):
             raise ValueError(f"memory.retrieval must be 'auto', 'camera' or 'similarity', got {self.retrieval!r}")
+        if self.render and not self.bank_frames:
+            raise ValueError("memory.render draws the retrieved bank entries into the anchor: it needs a bank "
+                             "(memory.bank_frames >= 2, retrieve_frames >= 1)")
+        if self.render and self.retrieval == "similarity":
+            raise ValueError("memory.render places bank entries by their camera: it needs camera retrieval "
+                             "(memory.retrieval 'camera' or 'auto'), not 'similarity'")
 
     @property
     def enabled(self) -> bool:
@@ -134,7 +157,7 @@ class MemoryConfig:
 
 
 # ------------------------------------------------------------------------------------ geometry
-def _wrap_near(camera: tuple[int, int], near: tuple[int, int], period: int) -> tuple[int, int]:
+def wrap_near(camera: tuple[int, int], near: tuple[int, int], period: int) -> tuple[int, int]:
     """``camera`` moved by whole periods to lie nearest ``near`` (identity when period is 0)."""
     if not period:
         return camera
@@ -342,8 +365,8 @@ class MemoryPlanner:
         near = next_cameras[0]
         held = [self.camera(f) for f in range(min(self.sink_frames, now))] + [self.camera(f) for f in self.window]
         wrap = self.cfg.wrap_tokens
-        targets = [_wrap_near(c, near, wrap) for c in next_cameras]
-        cands = {b: _wrap_near(self.camera(b), near, wrap) for b in self.bank}
+        targets = [wrap_near(c, near, wrap) for c in next_cameras]
+        cands = {b: wrap_near(self.camera(b), near, wrap) for b in self.bank}
         mask, origin, size = self.cov.frame(targets, held + list(cands.values()))
         covered = _raster(held, self.cov.grid, origin, size, wrap) if held else np.zeros(size, dtype=bool)
         need = mask & ~covered
@@ -375,8 +398,8 @@ def attended(sinks: list[int], window: list[int], view: MemoryView, cameras: lis
     ns = len(sinks)
     mem_t = max(ns - 1, 0)
     out = [(f, i, cameras[f], 0) for i, f in enumerate(sinks)]
-    out += [(f, mem_t, _wrap_near(cameras[f], near, wrap), 0) for f in view.retrieved]
-    out += [(f, mem_t, _wrap_near(cameras[f], near, wrap), lvl) for f, lvl in view.compressed]
+    out += [(f, mem_t, wrap_near(cameras[f], near, wrap), 0) for f in view.retrieved]
+    out += [(f, mem_t, wrap_near(cameras[f], near, wrap), lvl) for f, lvl in view.compressed]
     out += [(f, ns + j, cameras[f], 0) for j, f in enumerate(window)]
     return out
 
@@ -399,9 +422,9 @@ def piece_positions(pieces: list[tuple[int, tuple[int, int], int]], grid: tuple[
 
 
 def replay(memory: MemoryConfig, *, sink_frames: int, window_frames: int, chunk_frames: int, num_frames: int,
-           grid: tuple[int, int], cameras: list[list[tuple[int, int]]] | None) -> list[list[tuple[list[tuple], int]]]:
-    """Per row, per chunk: (the attended pieces, the temporal position of the chunk's first frame)
-    of a ``num_frames`` sequence -- what a streaming
+           grid: tuple[int, int], cameras: list[list[tuple[int, int]]] | None) -> list[list[tuple[list[tuple], int, list[int]]]]:
+    """Per row, per chunk: (the attended pieces, the temporal position of the chunk's first frame,
+    the retrieved bank entries, oldest first) of a ``num_frames`` sequence -- what a streaming
     paged cache with this memory reads, decided from the cameras alone (``cameras[b][f]``; None:
     a model without camera actions, which cannot replay similarity retrieval). Used by the
     full-sequence forward (training, the equivalence test)."""
@@ -421,7 +444,7 @@ def replay(memory: MemoryConfig, *, sink_frames: int, window_frames: int, chunk_
             sinks = list(range(min(sink_frames, q0)))
             view = planner.view(cams[q0:q1]) if planner is not None else MemoryView()
             per_chunk.append((attended(sinks, list(window), view, cams, cams[q0], memory.wrap_tokens),
-                              len(sinks) + len(window)))
+                              len(sinks) + len(window), view.retrieved))
             for f in range(q0, q1):
                 if f >= sink_frames:
                     window.append(f)

@@ -38,7 +38,8 @@ import torch
 
 from streamkd.cache.kv_cache import with_chunk
 from streamkd.cache.memory import (
-    MemoryConfig, MemoryPlanner, MemoryView, Packed, attended, coarsen_all, compress_frames, piece_positions,
+    MemoryConfig, MemoryPlanner, MemoryView, Packed, wrap_near, attended, coarsen_all, compress_frames,
+    piece_positions,
 )
 
 
@@ -53,6 +54,17 @@ class PagePool:
         self.refs = [0] * shape[1]
         self.free = list(range(shape[1] - 1, -1, -1))
         self.grows = 0
+        self.latent: torch.Tensor | None = None
+        """``(P, C, h, w)``: each page's clean frame latent, for rendered memory (allocated by the
+        first ``write_latents``; None when nothing renders)."""
+
+    def write_latents(self, pages: list[int], x_PCHW: torch.Tensor) -> None:
+        if self.latent is None:
+            self.latent = torch.zeros(self.capacity, *x_PCHW.shape[1:], dtype=x_PCHW.dtype, device=self.k.device)
+        if self.latent.shape[1:] != x_PCHW.shape[1:]:
+            raise ValueError(f"latent frames of {tuple(x_PCHW.shape[1:])} written into a page pool holding "
+                             f"{tuple(self.latent.shape[1:])}: one pool serves one latent size")
+        self.latent[torch.tensor(pages, dtype=torch.long, device=self.latent.device)] = x_PCHW.to(self.latent.dtype)
 
     @property
     def capacity(self) -> int:
@@ -67,6 +79,8 @@ class PagePool:
             n = self.capacity
             self.k = torch.cat([self.k, torch.zeros_like(self.k)], 1)
             self.v = torch.cat([self.v, torch.zeros_like(self.v)], 1)
+            if self.latent is not None:
+                self.latent = torch.cat([self.latent, torch.zeros_like(self.latent)])
             self.refs += [0] * n
             self.free = list(range(2 * n - 1, n - 1, -1))
             self.grows += 1
@@ -199,6 +213,9 @@ class PagedKVCache:
         self._pending_cameras: list[list[tuple[int, int]]] | None = None
         self.derived: dict = {}
         self.stats = {"gathered_tokens": 0, "retrieved": 0, "chunks": 0}
+        self.keeps_latents = memory.render
+        """Pages of this cache keep their frame's clean latent (rendered memory reads them back). A
+        scratch cache writing pages for such a cache (the server's prompt-switch re-cache) sets it."""
         self.hide_window = 0
         """Training only (history drop): the next chunk does not read the oldest ``hide_window``
         window frames, so it must find them in memory. Positions of the rest are unchanged."""
@@ -382,12 +399,36 @@ class PagedKVCache:
         T = self.tokens_per_frame
         num_frames = k_BLHD.shape[1] // T
         assert k_BLHD.shape[1] == num_frames * T, "chunk is not a whole number of frames"
-        if self._pending is None:
-            self._pending = [[self.pool.alloc() for _ in range(num_frames)] for _ in self._rows]
-        assert len(self._pending[0]) == num_frames, "layers wrote chunks of different lengths"
-        idx = torch.tensor([p for row in self._pending for p in row], dtype=torch.long, device=self.device)
+        idx = torch.tensor(self._pending_pages(num_frames), dtype=torch.long, device=self.device)
         self.pool.k[layer, idx] = k_BLHD.reshape(-1, T, *k_BLHD.shape[2:]).to(self.dtype)
         self.pool.v[layer, idx] = v_BLHD.reshape(-1, T, *v_BLHD.shape[2:]).to(self.dtype)
+
+    def _pending_pages(self, num_frames: int) -> list[int]:
+        """The new pages of the chunk being written, row-major (allocated by its first write)."""
+        if self._pending is None:
+            self._pending = [[self.pool.alloc() for _ in range(num_frames)] for _ in self._rows]
+        assert len(self._pending[0]) == num_frames, "the chunk's writes disagree on its length"
+        return [p for row in self._pending for p in row]
+
+    def write_latents(self, x_BCFHW: torch.Tensor) -> None:
+        """Keep the chunk's clean latents beside its keys (rendered memory reads them back)."""
+        if self.keeps_latents:
+            pages = self._pending_pages(x_BCFHW.shape[2])
+            self.pool.write_latents(pages, x_BCFHW.detach().transpose(1, 2).flatten(0, 1))
+
+    def render_sources(self, camera_BF2: torch.Tensor) -> list[list[tuple[torch.Tensor, tuple[int, int]]]] | None:
+        """Per row, the retrieved bank entries the chunk draws into its anchor (rendered memory):
+        ``(clean latent (C, h, w), camera moved next to the chunk's)``, oldest first; None when
+        this memory does not render."""
+        if not self.memory.render:
+            return None
+        if self.pool.latent is None:
+            return [[] for _ in self._rows]
+        views = self._views(camera_BF2)
+        near_all = camera_BF2[:, 0].tolist()
+        return [[(self.pool.latent[r.bank[f]], wrap_near(r.cameras[f], tuple(near_all[b]), self.memory.wrap_tokens))
+                 for f in view.retrieved]
+                for b, (r, view) in enumerate(zip(self._rows, views))]
 
     def write_anchor(self, anchor_BCHW: torch.Tensor, camera_B2: torch.Tensor, valid_B: torch.Tensor) -> None:
         assert all(not r.cameras for r in self._rows), "the anchor is the stream's first frame"

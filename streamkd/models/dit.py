@@ -46,7 +46,7 @@ from streamkd.attention.dispatch import attention
 from streamkd.attention.layout import CausalLayout, block_causal_mask
 from streamkd.attention.sparse import BlockSparseConfig, sparse_self_attention
 from streamkd.cache.kv_cache import KVCache
-from streamkd.cache.memory import MemoryConfig, Packed, coarsen, compress_frame, piece_positions, replay
+from streamkd.cache.memory import MemoryConfig, Packed, coarsen, compress_frame, piece_positions, replay, wrap_near
 from streamkd.cache.paged import PagedKVCache
 from streamkd.models.rope import Rope3D, apply_rope
 
@@ -151,6 +151,9 @@ class _SelfAttnPlan:
     memory_chunks: list | None = None
     memory: MemoryConfig | None = None
     grid: tuple[int, int] = (0, 0)
+    # "memory" with memory.render: per row, per query chunk (first frame, end frame, the retrieved
+    # bank entries as (frame, camera moved next to the chunk's)), oldest first
+    render: list[list[tuple[int, int, list[tuple[int, tuple[int, int]]]]]] | None = None
     # "cached" with autograd: per layer, the history this pass read (rotated keys, values). A block
     # recomputed in backward (activation checkpointing) runs after the chunk's cache-writing pass
     # moved the cache on; it reads the history kept here, the one its forward saw.
@@ -438,6 +441,9 @@ class DiT(nn.Module):
         visible cache, see ``streamkd.cache.kv_cache``) for re-rotating the keys on every pass.
         With ``memory`` the cache is the paged store with its memory tiers (``streamkd.cache.paged``)."""
         param = self.proj_out.weight
+        if memory is not None and memory.render and not self.cfg.anchor_warp:
+            raise ValueError("memory.render draws bank entries into the anchor channels, and this model has none "
+                             "(dit.anchor_warp: false); set memory.render: false")
         if memory is not None:
             _, ph, pw = self.cfg.patch_size
             return PagedKVCache(
@@ -502,12 +508,16 @@ class DiT(nn.Module):
                          num_frames=num_frames, grid=(gh, gw), cameras=cams)
         B = 1 if camera_BF2 is None else camera_BF2.shape[0]
         T, F = gh * gw, layout.chunk_frames
+        render = [[] for _ in range(B)] if memory.render and cams is not None else None
         chunks = []
         for c, q0 in enumerate(range(0, num_frames, F)):
             q1 = min(q0 + F, num_frames)
             rows = []
             for b in range(B):
-                pieces, q_first = per_row[b][c]
+                pieces, q_first, retrieved = per_row[b][c]
+                if render is not None:
+                    near = cams[b][q0]
+                    render[b].append((q0, q1, [(f, wrap_near(cams[b][f], near, memory.wrap_tokens)) for f in retrieved]))
                 q_cam = None if camera_BF2 is None else camera_BF2[b : b + 1, q0:q1]
                 q_cos, q_sin = self.rope.table(range(q_first, q_first + q1 - q0), gh, gw, q_cam)
                 positions = piece_positions([piece[1:] for piece in pieces], (gh, gw), memory.pool, camera_BF2 is not None)
@@ -517,7 +527,7 @@ class DiT(nn.Module):
                 k_cos, k_sin = self.rope.token_table(t_S, r_S, c_S)
                 rows.append((pieces, q_cos, q_sin, k_cos, k_sin))
             chunks.append((slice(q0 * T, q1 * T), rows))
-        return _SelfAttnPlan("memory", memory_chunks=chunks, memory=memory, grid=(gh, gw))
+        return _SelfAttnPlan("memory", memory_chunks=chunks, memory=memory, grid=(gh, gw), render=render)
 
     def _embed_patches(self, x_BCFHW: torch.Tensor) -> torch.Tensor:
         """``(B, L, E)`` tokens ordered (frame, row, column). The convolution's stride equals its
@@ -532,12 +542,15 @@ class DiT(nn.Module):
     def _anchor_condition(
         self, x_BCFHW: torch.Tensor, t_BF: torch.Tensor, actions_BF: torch.Tensor | None, camera_BF2: torch.Tensor,
         cache: KVCache | None, write_cache: bool, anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
+        render: list[list[tuple[int, int, list[tuple[torch.Tensor, tuple[int, int]]]]]] | None = None,
     ) -> torch.Tensor:
         """``(B, C + 1, F, H, W)``: the anchor latent shifted into each frame's view, and the mask of
         latent pixels it covers. The anchor is frame 0 when it is given clean (t = 0); in cached
         mode, once written, it is the cache's sink frame 0; ``anchor`` overrides both (see
         ``forward``). Frames whose camera is unknown (a null action at or before them: CFG's
-        unconditional rows) get a zero mask."""
+        unconditional rows) get a zero mask. ``render`` (rendered memory): per row, segments of
+        frames ``(f0, f1, [(latent (C, H, W), camera)])`` whose sources are drawn over the anchor,
+        in order, where they see the place."""
         B, C, num_f, H, W = x_BCFHW.shape
         dev = x_BCFHW.device
         streaming_on = cache is not None and cache.frames_written > 0
@@ -554,7 +567,7 @@ class DiT(nn.Module):
         d_BF2 = (camera_BF2.to(dev) - anchor_cam_B2[:, None]) * torch.tensor([ph, pw], device=dev)
         rows_BFH = torch.arange(H, device=dev) + d_BF2[..., :1]  # anchor row seen at each frame row
         cols_BFW = torch.arange(W, device=dev) + d_BF2[..., 1:]
-        known_BF = has_B[:, None].expand(B, num_f)
+        known_BF = torch.ones(B, num_f, dtype=torch.bool, device=dev)  # where each frame's camera is known
         if streaming_on:
             known_BF = known_BF & cache.camera_known_B[:, None]
         if actions_BF is not None:
@@ -566,7 +579,7 @@ class DiT(nn.Module):
         if write_cache:
             cache.camera_known_B.copy_(known_BF[:, -1])
         mask_BFHW = (
-            known_BF[:, :, None, None]
+            (known_BF & has_B[:, None])[:, :, None, None]
             & ((rows_BFH >= 0) & (rows_BFH < H))[..., None]
             & ((cols_BFW >= 0) & (cols_BFW < W))[:, :, None, :]
         )
@@ -574,9 +587,46 @@ class DiT(nn.Module):
         warped_BFHWC = anchor_BCHW.permute(0, 2, 3, 1)[
             b, rows_BFH.clamp(0, H - 1)[..., :, None], cols_BFW.clamp(0, W - 1)[..., None, :]
         ]
+        if render is not None:
+            warped_BFHWC, mask_BFHW = self._render_memory(warped_BFHWC, mask_BFHW, render, camera_BF2, known_BF)
         mask_BFHW1 = mask_BFHW[..., None].to(x_BCFHW.dtype)
         cond_BFHWC = torch.cat([warped_BFHWC * mask_BFHW1, mask_BFHW1], -1)
         return cond_BFHWC.permute(0, 4, 1, 2, 3)
+
+    def _render_memory(
+        self, warped_BFHWC: torch.Tensor, mask_BFHW: torch.Tensor,
+        render: list[list[tuple[int, int, list[tuple[torch.Tensor, tuple[int, int]]]]]], camera_BF2: torch.Tensor,
+        known_BF: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw each row's memory sources over the warped anchor (later sources over earlier ones)
+        where they see the frame's place and its camera is known; see ``MemoryConfig.render``."""
+        _, _, H, W, _ = warped_BFHWC.shape
+        _, ph, pw = self.cfg.patch_size
+        dev = warped_BFHWC.device
+        rows_out, masks_out = [], []
+        for b, segments in enumerate(render):
+            row, row_mask = warped_BFHWC[b], mask_BFHW[b]
+            for f0, f1, sources in segments:
+                if not sources:
+                    continue
+                seg, seg_mask = row[f0:f1], row_mask[f0:f1]
+                for latent_CHW, cam in sources:
+                    d_F2 = (camera_BF2[b, f0:f1] - torch.tensor(cam)) * torch.tensor([ph, pw])
+                    rows_FH = (torch.arange(H) + d_F2[:, :1]).to(dev)
+                    cols_FW = (torch.arange(W) + d_F2[:, 1:]).to(dev)
+                    sees_FHW = (
+                        known_BF[b, f0:f1, None, None]
+                        & ((rows_FH >= 0) & (rows_FH < H))[:, :, None]
+                        & ((cols_FW >= 0) & (cols_FW < W))[:, None, :]
+                    )
+                    drawn_FHWC = latent_CHW.permute(1, 2, 0)[rows_FH.clamp(0, H - 1)[:, :, None], cols_FW.clamp(0, W - 1)[:, None, :]]
+                    seg = torch.where(sees_FHW[..., None], drawn_FHWC.to(seg.dtype), seg)
+                    seg_mask = seg_mask | sees_FHW
+                row = torch.cat([row[:f0], seg, row[f1:]])
+                row_mask = torch.cat([row_mask[:f0], seg_mask, row_mask[f1:]])
+            rows_out.append(row)
+            masks_out.append(row_mask)
+        return torch.stack(rows_out), torch.stack(masks_out)
 
     def camera_offsets(
         self, actions_BF: torch.Tensor | None, batch: int, num_frames: int, cache: KVCache | None = None
@@ -660,10 +710,24 @@ class DiT(nn.Module):
         camera_BF2 = self.camera_offsets(actions_BF, B, gf, cache)
         if actions_BF is not None:  # host actions (the camera's input) go to the device for their embedding
             actions_BF = actions_BF.to(x_BCFHW.device, non_blocking=True)
-        # 1. patch embedding (of the latents and, with anchor_warp, the shifted first frame + mask)
+        plan = self._plan(gf, gh, gw, layout, cache, write_cache, x_BCFHW.device, camera_BF2)
+        plan.sparse = cfg.sparse
+        if layout is not None:
+            plan.causal_chunk = layout.chunk_frames * gh * gw
+        # 1. patch embedding (of the latents and, with anchor_warp, the shifted first frame + mask,
+        # and the memory rendered over it)
         x_in = x_BCFHW
         if cfg.anchor_warp:
-            x_in = torch.cat([x_BCFHW, self._anchor_condition(x_BCFHW, t_BF, actions_BF, camera_BF2, cache, write_cache, anchor)], 1)
+            render = None
+            if isinstance(cache, PagedKVCache) and camera_BF2 is not None:
+                sources = cache.render_sources(camera_BF2)
+                render = None if sources is None else [[(0, gf, row)] for row in sources]
+            elif plan.render is not None:
+                history = x_BCFHW.detach()  # history is detached, as in streaming
+                render = [[(f0, f1, [(history[b, :, f], cam) for f, cam in entries]) for f0, f1, entries in row]
+                          for b, row in enumerate(plan.render)]
+            cond = self._anchor_condition(x_BCFHW, t_BF, actions_BF, camera_BF2, cache, write_cache, anchor, render)
+            x_in = torch.cat([x_BCFHW, cond], 1)
         x_BLE = self._embed_patches(x_in)
         # 2. conditioning
         temb_BFE = self.time_embed(sinusoidal_embedding(t_BF, cfg.freq_dim).to(self.proj_out.weight.dtype))
@@ -674,10 +738,6 @@ class DiT(nn.Module):
         tproj_BF6E = self.time_proj(temb_BFE).unflatten(-1, (6, -1))
         ctx_BLcE = self.text_proj(context_BLcD)
         img_BLiE = None if image_context_BLiD is None else self.image_embed(image_context_BLiD)
-        plan = self._plan(gf, gh, gw, layout, cache, write_cache, x_BLE.device, camera_BF2)
-        plan.sparse = cfg.sparse
-        if layout is not None:
-            plan.causal_chunk = layout.chunk_frames * gh * gw
         # 3. blocks
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
@@ -686,6 +746,8 @@ class DiT(nn.Module):
             else:
                 x_BLE = block(x_BLE, ctx_BLcE, tproj_BF6E, plan, i, img_BLiE=img_BLiE)
         if write_cache:
+            if isinstance(cache, PagedKVCache):
+                cache.write_latents(x_BCFHW)
             if camera_BF2 is not None:
                 cache.write_camera(camera_BF2)
             cache.commit()
