@@ -276,8 +276,9 @@ def bench_memory_markdown(result: dict) -> str:
                    f"{f2(fl['gathered_bytes_per_chunk'])} |")
     memories = "; ".join(
         f"{name}: " + ("sinks + window only (contiguous cache)" if v["memory"] is None else ", ".join(
-            f"{k}={v['memory'][k]}" for k in ("compressed_frames", "fine_frames", "bank_frames", "retrieve_frames")
-            if v["memory"][k]))
+            f"{k}={v['memory'][k]}" for k in ("compressed_frames", "fine_frames", "bank_frames", "retrieve_frames",
+                                              "render")
+            if v["memory"].get(k)))
         for name, v in result["variants"].items())
     out += ["", f"Variants: {memories}. MB = 10^6 bytes; {result['threads']} torch threads.", "",
             f"What each figure counts: {result['counts']}."]

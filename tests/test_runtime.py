@@ -42,8 +42,8 @@ def test_streaming_makes_every_tensor_on_the_model_device(name: str, render: boo
     the memory student, with and without its bank rendered), all on the meta device."""
     model = load_model(name).to("meta")
     causal = model.cfg.causal
-    if render:
-        causal = replace(causal, memory=replace(causal.memory, render=True))
+    if causal.memory is not None:
+        causal = replace(causal, memory=replace(causal.memory, render=render))
     stream = StreamGenerator(model, FewStepSampler(model.cfg.sampling.sigmas), causal=causal, batch_size=2, guidance_scale=2.0)
     stream.reset(["forest with red squares", "desert with blue circles"], None, torch.Generator().manual_seed(0))
     chunks = causal.sink_frames // causal.chunk_frames + causal.window_frames // causal.chunk_frames + 3  # past eviction

@@ -113,13 +113,14 @@ def test_fast_student_follows_actions_as_well_as_the_teacher() -> None:
     assert fast["action_error_px"] <= teacher["action_error_px"], (fast, teacher)
 
 
-@pytest.mark.parametrize("name, margin", [("toy-student-memory", 0.2), ("toy-student-memory6", 0.5)])
+@pytest.mark.parametrize("name, margin", [("toy-student-memory", 0.2), ("toy-student-memory6", 4.0)])
 def test_memory_student_reads_its_memory_on_revisits(name: str, margin: float) -> None:
     """``toy-student-memory`` (the fast student tuned with a compressed tier and a memory bank)
-    and ``toy-student-memory6`` (the 6-block student tuned with a bank):
+    and ``toy-student-memory6`` (the 6-block student tuned with a rendered bank):
     on observed revisits (the way out shown, the way back generated) its memory brings back more
-    of the place than its window alone, and novel views are untouched (memory never engages on a
-    12-frame episode). Figures with more episodes and every row: docs/memory.md."""
+    of the place than its window alone (memory6 on these episodes: +5.6 dB; the same bank not
+    rendered: +0.8), and novel views are untouched (memory never engages on a 12-frame
+    episode). Figures with more episodes and every row: docs/memory.md."""
     from dataclasses import replace
 
     from streamkd.eval.revisit import evaluate_revisits
@@ -127,11 +128,16 @@ def test_memory_student_reads_its_memory_on_revisits(name: str, margin: float) -
     model = _load(name)
     assert model.cfg.causal.memory is not None and model.cfg.causal.memory.bank_frames > 0
     psnr = {}
-    for name, memory in (("window", None), ("memory", model.cfg.causal.memory)):
+    variants = [("window", None), ("memory", model.cfg.causal.memory)]
+    if model.cfg.causal.memory.render:
+        variants.append(("unrendered", replace(model.cfg.causal.memory, render=False)))
+    for name, memory in variants:
         r = evaluate_revisits(model, episodes=2, first_index=2000, gaps=(2, 8),
                               causal=replace(model.cfg.causal, memory=memory), oracle_max_gap=None)
         psnr[name] = sum(r["model"]["observed"]["returning"][g]["psnr"] for g in ("2", "8")) / 2
     assert psnr["memory"] > psnr["window"] + margin, psnr
+    if "unrendered" in psnr:  # the rendering is what brings the place back
+        assert psnr["memory"] > psnr["unrendered"] + 3.0, psnr
     with_memory = evaluate(model, episodes=2, seed=0, frames=12, drift_episodes=0)
     without = evaluate(model, episodes=2, seed=0, frames=12, drift_episodes=0,
                        causal=replace(model.cfg.causal, memory=None))
