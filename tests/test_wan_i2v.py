@@ -282,15 +282,71 @@ def test_i2v_bundle_save_load(i2v_folder, tmp_path) -> None:
     assert torch.equal(cond, cond2) and torch.equal(image, image2)
 
 
-def test_streaming_an_i2v_model_is_refused_with_the_way(i2v_folder) -> None:
+def test_image_stream_chunks_equal_the_whole_condition(i2v_folder) -> None:
+    """A stream's image inputs, chunk by chunk (the VAE's streaming encoder over ``[image, 0, ...]``
+    continued with zero frames), equal ``image_inputs`` of the whole length."""
+    from streamkd.bundle import load_model
+    from streamkd.models.wan_model import WanOptions
+
+    model = load_model(i2v_folder, wan=WanOptions(height=32, width=48, horizon_frames=3, max_text_length=TEXT_TOKENS))
+    first = torch.cat([_first_frame(0), _first_frame(1)])
+    whole, context = model.image_inputs(first, 6)
+    stream = model.image_stream(first)
+    chunks = torch.cat([stream.next(n) for n in (1, 2, 3)], 2)
+    assert chunks.shape == whole.shape == (2, 4 + 16, 6, 4, 6)
+    torch.testing.assert_close(chunks, whole, atol=1e-5, rtol=0)
+    assert torch.equal(stream.context_BLiD, context)
+    assert (whole[:, 4:, 1] - whole[:, 4:, 2]).abs().max() > 1e-4  # the image reaches later latents
+
+
+def test_streaming_an_i2v_model_equals_the_causal_full_sequence(i2v_folder) -> None:
+    """An image-to-video model streams: each chunk reads the condition channels of its frames and
+    the CLIP tokens, and equals the block-causal full-sequence forward over the clean history and
+    the chunk with the whole clip's ``image_inputs`` (CFG rows included)."""
+    from streamkd.attention.layout import CausalLayout
     from streamkd.bundle import CausalConfig, load_model
     from streamkd.models.wan_model import WanOptions
     from streamkd.sampling.schedule import FewStepSampler
-    from streamkd.sampling.stream import StreamGenerator
+    from streamkd.sampling.stream import StreamGenerator, guided
 
     model = load_model(i2v_folder, wan=WanOptions(height=32, width=48, horizon_frames=3, max_text_length=TEXT_TOKENS))
-    with pytest.raises(ValueError, match="does not stream or distil yet"):
-        StreamGenerator(model, FewStepSampler([1.0]), causal=CausalConfig(chunk_frames=1, sink_frames=1, window_frames=1))
+    causal = CausalConfig(chunk_frames=1, sink_frames=1, window_frames=2)
+    first, prompt = _first_frame(), "a white boat on a blue lake"
+    steps = []
+    stream = StreamGenerator(model, FewStepSampler([1.0]), causal=causal, guidance_scale=3.0,
+                             on_step=lambda c, i, x, t, v: steps.append((x, v)))
+    stream.reset([prompt], first, torch.Generator().manual_seed(0))
+    chunks = [stream.next_chunk() for _ in range(3)]
+    cond, image = model.image_inputs(first, 3)
+    context = model.encode_prompts([prompt, model.null_prompt])
+    with torch.no_grad():
+        for c, (noisy, v) in enumerate(steps):
+            x = torch.cat([*chunks[:c], noisy], 2).repeat(2, 1, 1, 1, 1)
+            t = torch.zeros(2, c + 1)
+            t[:, c] = 1000.0
+            full = model.dit(torch.cat([x, cond[:, :, : c + 1].repeat(2, 1, 1, 1, 1)], 1), t, context,
+                             layout=CausalLayout(1, 1, 2), image_context_BLiD=image.repeat(2, 1, 1))
+            torch.testing.assert_close(v, guided(full, 1, 3.0)[:, :, c:], atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="pass the first frames"):
+        stream.reset([prompt], None, torch.Generator().manual_seed(0))
+
+
+def test_generate_cli_streams_an_i2v_model(i2v_folder, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from streamkd.media.video import read_video
+
+    image, out = tmp_path / "first.png", tmp_path / "i2v_stream.mp4"
+    Image.fromarray(_first_frame()[0].numpy()).save(image)
+    run = subprocess.run([sys.executable, "-m", "streamkd.cli", "generate", "--checkpoint", str(i2v_folder), "--causal",
+                          "--chunk-frames", "1", "--sink-frames", "1", "--window-frames", "2", "--image", str(image),
+                          "--prompt", "a boat on a lake", "--frames", "21", "--height", "32", "--width", "48",
+                          "--steps", "2", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert read_video(out).shape == (21, 32, 48, 3)  # 6 latent frames: past the teacher's horizon of 3
 
 
 def test_make_tiny_wan_i2v_cli_then_generate_from_an_image(tmp_path) -> None:

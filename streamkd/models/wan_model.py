@@ -350,19 +350,49 @@ class WanModel(nn.Module):
         latents of the pixel video ``[image, 0, 0, ...]`` (its ``1 + 4 (F - 1)`` frames); the DiT
         reads ``cat([latents, condition], channels)``. ``image_context``: the CLIP tokens of the
         image. Both are the same for every denoising step and for both CFG rows."""
+        stream = self.image_stream(first_frames_BHWC)
+        return stream.next(num_frames), stream.context_BLiD
+
+    def image_stream(self, first_frames_BHWC: torch.Tensor) -> ImageStream:
+        """The image inputs of an unbounded image-to-video stream, chunk by chunk (``ImageStream``)."""
         if not self.is_image_to_video:
             raise ValueError("this Wan model is text-to-video (no image_dim): it takes no image inputs")
-        codec, dev = self.frozen.codec, self.dit.proj_out.weight.device
-        dtype = self.dit.proj_out.weight.dtype
-        B, H, W, _ = first_frames_BHWC.shape
-        image_BFHWC = first_frames_BHWC[:, None].to(torch.float32).div(127.5).sub(1.0)
-        video_BFHWC = torch.cat([image_BFHWC, image_BFHWC.new_zeros(B, codec.temporal_factor * (num_frames - 1), H, W, 3)], 1)
-        latents_BCFhw = codec.encode_float(video_BFHWC).to(dev, dtype)
-        mask_BTFhw = torch.zeros(B, codec.temporal_factor, *latents_BCFhw.shape[2:], device=dev, dtype=dtype)
-        mask_BTFhw[:, :, 0] = 1
-        context_BLiD = self.frozen.image_encoder.encode(first_frames_BHWC).to(dev, dtype)
-        return torch.cat([mask_BTFhw, latents_BCFhw], 1), context_BLiD
+        return ImageStream(self, first_frames_BHWC)
 
     def first_frame(self, seed: int, prompt: str) -> None:
         """No default first frame: a Wan stream is text-to-video unless an image is given."""
         return None
+
+
+class ImageStream:
+    """``WanModel.image_inputs`` for a stream of unknown length, chunk by chunk.
+
+    Wan2.1 I2V conditions a clip on the VAE latents of the video ``[image, 0, 0, ...]`` and a
+    mask that marks the image's latent frame. A stream continues that video with zero frames
+    forever: the condition of each chunk comes from the VAE's streaming encoder (its causal feature
+    cache carries the image into later latents), so the chunks, concatenated, are exactly
+    ``image_inputs`` of the whole length; the CLIP tokens are computed once."""
+
+    def __init__(self, model: WanModel, first_frames_BHWC: torch.Tensor) -> None:
+        dit = model.dit.proj_out.weight
+        self.device, self.dtype = dit.device, dit.dtype
+        self.temporal_factor = model.frozen.codec.temporal_factor
+        self.encoder = model.frozen.codec.stream_encoder()
+        self.image_BFHWC = first_frames_BHWC[:, None].to(torch.float32).div(127.5).sub(1.0)
+        self.context_BLiD = model.frozen.image_encoder.encode(first_frames_BHWC).to(self.device, self.dtype)
+        self.frames = 0  # latent frames handed out so far
+
+    @torch.no_grad()
+    def next(self, num_frames: int) -> torch.Tensor:
+        """``(B, 4 + C, num_frames, h, w)``: the condition channels of the next ``num_frames`` latent frames."""
+        B, _, H, W, _ = self.image_BFHWC.shape
+        zeros = self.temporal_factor * (num_frames - 1 if self.frames == 0 else num_frames)
+        video = self.image_BFHWC.new_zeros(B, zeros, H, W, 3)
+        if self.frames == 0:
+            video = torch.cat([self.image_BFHWC, video], 1)
+        latents_BCFhw = self.encoder.push_float(video).to(self.device, self.dtype)
+        mask_BTFhw = torch.zeros(B, self.temporal_factor, *latents_BCFhw.shape[2:], device=self.device, dtype=self.dtype)
+        if self.frames == 0:
+            mask_BTFhw[:, :, 0] = 1
+        self.frames += num_frames
+        return torch.cat([mask_BTFhw, latents_BCFhw], 1)

@@ -121,11 +121,25 @@ class WanStreamEncoder:
     @torch.no_grad()
     def push(self, frames_BFHWC: torch.Tensor) -> torch.Tensor:
         """Normalised latents ``(B, C, k, h, w)`` (``k + 1`` on the first push) of the next frames (uint8)."""
+        return self._push(frames_BFHWC, uint8=True)
+
+    @torch.no_grad()
+    def push_float(self, frames_BFHWC: torch.Tensor) -> torch.Tensor:
+        """``push`` for frames in [-1, 1] (``codec.encode_float``'s inputs: an image-to-video
+        condition video ``[image, 0, 0, ...]``, whose 0 no uint8 level holds)."""
+        if not frames_BFHWC.is_floating_point():
+            raise ValueError(f"push_float takes float frames in [-1, 1], got {frames_BFHWC.dtype}; use push for uint8")
+        return self._push(frames_BFHWC, uint8=False)
+
+    def _push(self, frames_BFHWC: torch.Tensor, uint8: bool) -> torch.Tensor:
         first = self._shape is None
-        self.codec._check_frames(frames_BFHWC, "the first push" if first else "each push after the first", first)
+        self.codec._check_frames(frames_BFHWC, "the first push" if first else "each push after the first", first, uint8)
         shape = (frames_BFHWC.shape[0], *frames_BFHWC.shape[2:4])
         _check_same_stream(self._shape, shape, "frames", "stream_encoder")
-        latents = self.codec._encode_chunk(frames_BFHWC, self._cache, first)
+        if uint8:
+            latents = self.codec._encode_chunk(frames_BFHWC, self._cache, first)
+        else:
+            latents = self.codec._encode_scaled(frames_BFHWC.to(self.codec.vae.device, self.codec.vae.dtype), self._cache, first)
         self._shape = shape
         return latents
 

@@ -65,10 +65,6 @@ class StreamGenerator:
         causal = causal or model.cfg.causal
         if causal is None:
             raise ValueError("StreamGenerator needs a causal config (chunk/sink/window); pass causal=CausalConfig(...)")
-        if getattr(model.dit.cfg, "image_dim", None) is not None:
-            raise ValueError("this is a Wan2.1 image-to-video model (CLIP image branch): it samples bidirectionally "
-                             "(streamkd generate --image) but does not stream or distil yet; distil a text-to-video "
-                             "Wan folder with data= (first frames from videos) for an image-to-video student")
         self.model = model
         self.sampler = sampler
         self.causal = causal
@@ -90,6 +86,7 @@ class StreamGenerator:
         self.chunk_index = 0
         self.context = None
         self.first_latent = None
+        self.image = None  # Wan2.1 image-to-video: the stream's image inputs (ImageStream)
         self.generator: torch.Generator | list[torch.Generator] | None = None
 
     # ------------------------------------------------------------------------------ session state
@@ -108,8 +105,14 @@ class StreamGenerator:
         self.chunk_index = 0
         self.generator = generator
         self.set_prompts(prompts)
-        self.first_latent = None
-        if first_frames_BHWC is not None:
+        self.first_latent = self.image = None
+        if self.model.dit.cfg.image_dim is not None:
+            # Wan2.1 image-to-video: the image conditions every chunk (condition channels + CLIP
+            # tokens, as its pipeline builds them); frame 0 is denoised, not held
+            if first_frames_BHWC is None:
+                raise ValueError("this is an image-to-video model: pass the first frames (generate: --image)")
+            self.image = self.model.image_stream(first_frames_BHWC)
+        elif first_frames_BHWC is not None:
             with torch.no_grad():
                 self.first_latent = self.model.codec.encode(first_frames_BHWC[:, None]).to(self.device, self.dtype)
 
@@ -136,6 +139,20 @@ class StreamGenerator:
     def _rows(self, x_BCFhw: torch.Tensor) -> torch.Tensor:
         return x_BCFhw.repeat(self.rows // self.batch_size, 1, 1, 1, 1)
 
+    def _dit(self, x_BCFhw: torch.Tensor, t_BF: torch.Tensor, actions, condition: torch.Tensor | None, **kw):
+        """One pass of the denoiser over the chunk's rows (the CFG rows share latents, and an
+        image-to-video stream's condition channels and CLIP tokens)."""
+        x = self._rows(x_BCFhw)
+        image = None
+        if condition is not None:
+            x = torch.cat([x, self._rows(condition)], 1)
+            image = self.image.context_BLiD.repeat(self.rows // self.batch_size, 1, 1)
+        return self.model.dit(x, t_BF, self.context, actions, cache=self.cache, image_context_BLiD=image, **kw)
+
+    def _condition(self) -> torch.Tensor | None:
+        """The next chunk's image-to-video condition channels (None for other models)."""
+        return None if self.image is None else self.image.next(self.causal.chunk_frames)
+
     def _actions(self, actions_BF: torch.Tensor | None) -> torch.Tensor | None:
         if actions_BF is None or self.model.dit.action_embed is None:
             return None
@@ -160,6 +177,7 @@ class StreamGenerator:
             raise ValueError(f"exit_step must be in [0, {self.sampler.num_steps}), got {exit_step}")
         want_grad = torch.is_grad_enabled()
         actions = self._actions(actions_BF)
+        condition = self._condition()
         fixed = self.first_latent is not None and self.chunk_index == 0  # frame 0 is given
         x = self._noise()
         t_BF = torch.empty(self.rows, F, device=self.device)
@@ -171,7 +189,7 @@ class StreamGenerator:
                 t_BF[:, 0] = 0.0
             exiting = exit_step is not None and i == exit_step
             with torch.set_grad_enabled(want_grad and exiting):
-                v = guided(self.model.dit(self._rows(x), t_BF, self.context, actions, cache=self.cache), self.batch_size, self.guidance_scale)
+                v = guided(self._dit(x, t_BF, actions, condition), self.batch_size, self.guidance_scale)
                 if exiting:
                     x = x - self.sampler.sigmas[i] * v  # the x0 prediction
                     break
@@ -183,8 +201,7 @@ class StreamGenerator:
             x = torch.cat([self.first_latent, x[:, :, 1:]], 2)
         # clean pass: history enters the cache at t = 0, detached
         with torch.no_grad():
-            self.model.dit(self._rows(x.detach()), torch.zeros_like(t_BF), self.context, actions, cache=self.cache,
-                           write_cache=True, output=False)
+            self._dit(x.detach(), torch.zeros_like(t_BF), actions, condition, write_cache=True, output=False)
         self.chunk_index += 1
         return x
 
@@ -231,7 +248,7 @@ class StreamGenerator:
         for start in range(0, num_f, F):
             x = latents_BCFhw[:, :, start : start + F].to(self.device, self.dtype)
             actions = self._actions(None if actions_BF is None else actions_BF[:, start : start + F])
-            self.model.dit(self._rows(x), t_BF, self.context, actions, cache=self.cache, write_cache=True, output=False)
+            self._dit(x, t_BF, actions, self._condition(), write_cache=True, output=False)
             self.chunk_index += 1
 
     def decode(self, latents_BCFhw: torch.Tensor) -> torch.Tensor:
