@@ -147,6 +147,8 @@ class ModelBackend:
         # frames a steady chunk decodes to (a codec 4x in time: 4 F; its first chunk 1 + 4 (F - 1))
         self.chunk_frames = self.causal.chunk_frames * model.codec.temporal_factor
         self.actions = self._action_names(model)
+        self.image_to_video = model.dit.cfg.image_dim is not None
+        """Every session starts from an image (Wan2.1 I2V: its condition channels and CLIP tokens)."""
         self._scratch: StreamGenerator | None = None  # see _scratch_for
         self.pool: PagePool | None = None
         if self.causal.memory is not None:
@@ -417,6 +419,7 @@ class WorldOracleBackend:
         self.chunk_frames = chunk_frames
         self.max_batch = 1
         self.actions = list(ACTIONS)
+        self.image_to_video = False
 
     def check_prompt(self, prompt: str) -> str:
         return parse_prompt(prompt).prompt

@@ -500,7 +500,8 @@ class _Connection:
         return {
             "type": "welcome", "version": VERSION, "session": self.session.id, "codec": self.codec,
             "credits": self.credits,
-            "model": {"frame_size": size_hw, "chunk_frames": self.engine.chunk_frames, "actions": self.server.backend.actions},
+            "model": {"frame_size": size_hw, "chunk_frames": self.engine.chunk_frames, "actions": self.server.backend.actions,
+                      "image_to_video": self.server.backend.image_to_video},
             "limits": {"max_message_bytes": cfg.max_message_bytes, "control_rate": cfg.control_rate,
                        "control_burst": cfg.control_burst, "heavy_rate": cfg.heavy_rate, "heavy_burst": cfg.heavy_burst,
                        "frame_rate": cfg.frame_rate, "idle_timeout_s": cfg.idle_timeout_s,
@@ -608,6 +609,9 @@ class _Connection:
                     self.server._encode_pool, decode_image, first_frame.format, first_frame.data, nh, nw)
             except ValueError as e:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, f"start.first_frame: {e}") from None
+        elif self.server.backend.image_to_video:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "this model is image-to-video (welcome.model.image_to_video): "
+                                'start.first_frame must be an image, {"format": "jpeg"|"png"|"rgb24", "data": base64}')
         self.spec = StreamSpec(prompt, seed, first_frame)
         self.fps, self.scale = fps, scale
         self.engine.start(self.session, self.spec, fps)

@@ -349,6 +349,76 @@ def test_generate_cli_streams_an_i2v_model(i2v_folder, tmp_path) -> None:
     assert read_video(out).shape == (21, 32, 48, 3)  # 6 latent frames: past the teacher's horizon of 3
 
 
+def test_i2v_distillation_chain(i2v_folder, tmp_path) -> None:
+    """A Wan2.1 I2V teacher distils into a causal I2V student: ODE pairs from videos' first frames
+    (every frame denoised, the image as condition channels + CLIP tokens, stored beside the
+    trajectories) -> ODE init -> self-forcing DMD on the videos -> a student that streams from an
+    image and is served."""
+    import numpy as np
+
+    from streamkd.bundle import CausalConfig, load_model
+    from streamkd.data.prompts import condition_source
+    from streamkd.data.video import write_toy_videos
+    from streamkd.distill.ode_pairs import ODEPairsConfig, ODEPairStore, generate_ode_pairs
+    from streamkd.models.wan_model import WanOptions
+    from streamkd.sampling.bidirectional import sample_clip
+    from streamkd.serve.backends import ModelBackend, StreamSpec
+    from streamkd.train.distill import DistillConfig, DistillTrainer
+
+    wan = WanOptions(height=32, width=48, horizon_frames=3, max_text_length=TEXT_TOKENS)
+    videos = tmp_path / "videos"
+    write_toy_videos(videos, 2, num_frames=9)
+    pairs_cfg = ODEPairsConfig(teacher=str(i2v_folder), wan=wan, data=str(videos), out_dir=str(tmp_path / "pairs"),
+                               num_clips=2, shard_clips=2, num_steps=4, keep_sigmas=[1.0, 0.5], guidance_scale=3.0)
+    generate_ode_pairs(pairs_cfg, progress=False)
+    store = ODEPairStore(tmp_path / "pairs")
+    assert not store.first_given and store.image is not None
+    assert store.image[0].shape == (2, 4 + 16, 3, 4, 6) and store.image[1].shape == (2, 5, 32)
+    # the pairs' end points are the teacher's own image-to-video samples (the pipeline's, see above)
+    teacher = load_model(i2v_folder, wan=wan)
+    data = condition_source(teacher, None, 3, pairs_cfg.base_seed, str(videos))
+    first = torch.stack([data[i]["frames"][0] for i in range(2)])
+    want = sample_clip(teacher, pairs_cfg.make_sampler(), [data[i]["prompt"] for i in range(2)], first, None, 3,
+                       torch.Generator().manual_seed(pairs_cfg.base_seed * 1_000_003), guidance_scale=3.0)
+    torch.testing.assert_close(store.latents[:, -1].float(), want, atol=2e-2, rtol=0)  # stored in fp16
+
+    common = dict(teacher=str(i2v_folder), wan=wan, causal=CausalConfig(chunk_frames=1, sink_frames=1, window_frames=2),
+                  sigmas=[1.0, 0.5], max_steps=1, batch_size=2, tensorboard=False, ckpt_every=1, log_every=1)
+    ode = DistillTrainer(DistillConfig(method="ode", ode_pairs=str(tmp_path / "pairs"), out_dir=str(tmp_path / "ode"),
+                                       **common)).train(progress=False)
+    assert np.isfinite(ode[0]["ode_loss"])
+    stats = DistillTrainer(DistillConfig(method="dmd", init=str(tmp_path / "ode" / "final"), data=str(videos),
+                                         critic_ratio=1, rollout_frames=6, out_dir=str(tmp_path / "dmd"), **common)
+                           ).train(progress=False)
+    assert {"dmd_loss", "critic_loss"} <= set(stats[0]) and all(np.isfinite(v) for v in stats[0].values())
+    (tmp_path / "prompts.txt").write_text("a boat on a lake\n")
+    with pytest.raises(ValueError, match="set data="):  # an I2V teacher scores rollouts from images only
+        DistillTrainer(DistillConfig(method="dmd", init=str(tmp_path / "ode" / "final"), prompts=str(tmp_path / "prompts.txt"),
+                                     out_dir=str(tmp_path / "no-images"), **common)).train(progress=False)
+    student = load_model(tmp_path / "dmd" / "final")
+    assert student.is_causal and student.is_image_to_video
+    backend = ModelBackend(student)
+    session = backend.start(StreamSpec("a boat on a lake", seed=0, first_frame=first[0].numpy()))
+    assert [backend.step([session], [0])[0].shape for _ in range(3)] == [(1, 32, 48, 3), (4, 32, 48, 3), (4, 32, 48, 3)]
+
+    import asyncio
+
+    from streamkd.serve.client import StreamClient
+    from streamkd.serve.server import ServerConfig, StreamServer
+
+    async def serve() -> list:
+        async with StreamServer(ServerConfig(port=0), ModelBackend(student)) as srv:
+            async with await StreamClient.connect(srv.url) as c:
+                assert c.welcome["model"]["image_to_video"] is True
+                await c.send({"type": "start", "prompt": "a boat on a lake", "first_frame": None})
+                assert "start.first_frame must be an image" in (await c.next_event("error"))["message"]
+                await c.start("a boat on a lake", first_frame=first[0].numpy(), fps=100)
+                return [await c.next_frame() for _ in range(5)]
+
+    frames = asyncio.run(asyncio.wait_for(serve(), 60))
+    assert [f.header.frame_seq for f in frames] == list(range(5)) and frames[0].image.shape == (32, 48, 3)
+
+
 def test_make_tiny_wan_i2v_cli_then_generate_from_an_image(tmp_path) -> None:
     """The command-line path: a tiny I2V folder, then a clip from an image through it."""
     import numpy as np

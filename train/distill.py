@@ -47,7 +47,7 @@ from streamkd.distill.losses import critic_loss, dmd_loss, ode_regression_loss, 
 from streamkd.distill.ode_pairs import ODEPairStore
 from streamkd.bundle import CausalConfig, SamplingConfig
 from streamkd.sampling.schedule import FewStepSampler
-from streamkd.sampling.stream import StreamGenerator
+from streamkd.sampling.stream import ImageInputs, StreamGenerator
 from streamkd.distributed import DeepSpeedOptions
 from streamkd.train.common import RunLog, check_resume_config, load_checkpoint, save_checkpoint, update_ema
 from streamkd.train.teacher import NonFiniteLossError
@@ -220,6 +220,10 @@ def _check_fit(teacher: ModelBundle, student: ModelBundle, cfg: DistillConfig) -
     if type(teacher) is not type(student):
         raise ValueError(f"the student init is a {type(student).__name__}, the teacher a {type(teacher).__name__}; "
                          "distil a student from a checkpoint of the teacher's kind")
+    image_dims = (teacher.dit.cfg.image_dim, student.dit.cfg.image_dim)
+    if (image_dims[0] is None) != (image_dims[1] is None):
+        raise ValueError(f"the teacher's image_dim is {image_dims[0]}, the student's {image_dims[1]}: an image-to-video "
+                         "(Wan2.1 I2V) teacher distils into a student of the same kind; init it from the teacher's folder")
     own = {k: v for k, v in to_dict(teacher.cfg).items() if k not in ("dit", "causal", "sampling")}
     for name, value in own.items():
         if to_dict(student.cfg)[name] != value:
@@ -356,8 +360,11 @@ class DistillTrainer:
         param = self.student.dit.proj_out.weight
         context = self.student.encode_prompts([self.pairs.prompts[i] for i in idx]).to(param.dtype)
         actions = self.pairs.actions[idx] if self.student.num_actions else None
+        image = None
+        if self.pairs.image is not None:
+            image = tuple(t[idx].to(param.device, param.dtype) for t in self.pairs.image)
         return ode_regression_loss(self.student, self.layout, x_levels.to(param.device, param.dtype), self.cfg.sigmas,
-                                   context, actions, self.gen, (B, self.rows), self.pairs.first_given)
+                                   context, actions, self.gen, (B, self.rows), self.pairs.first_given, image)
 
     def _ode_step(self) -> dict[str, float]:
         with self.cfg.runtime.autocast():
@@ -396,7 +403,9 @@ class DistillTrainer:
             batch["actions"] = self._dmd_batch_actions(batch)
         else:
             batch["actions"] = None
-        first_given = batch["frames"] is not None  # image-to-video: frame 0 given, held clean
+        image = self._window_image(batch, self.rollout_frames - self.teacher.horizon_frames)
+        # image-to-video: frame 0 given, held clean (Wan2.1 I2V instead denoises it, reading image inputs)
+        first_given = batch["frames"] is not None and image is None
         B = len(batch["prompt"])
         train_student = self.step % cfg.critic_ratio == 0
         with cfg.runtime.autocast():
@@ -411,7 +420,8 @@ class DistillTrainer:
         if train_student:
             s_BF, noise = self._levels_and_noise(x0.shape, num_f, first_given)
             with cfg.runtime.autocast():
-                loss_g, extra = dmd_loss(x0, self.teacher, self.critic, ctx, acts, s_BF, noise, cfg.teacher_guidance, anchor)
+                loss_g, extra = dmd_loss(x0, self.teacher, self.critic, ctx, acts, s_BF, noise, cfg.teacher_guidance, anchor,
+                                         image=image)
                 if cfg.ode_weight > 0:  # then "dmd_loss" is the student's whole objective, "dmd_term" its DMD part
                     loss_ode = self._ode_loss()
                     extra["dmd_term"], extra["ode_loss"] = self.dist.mean(loss_g), self.dist.mean(loss_ode)
@@ -426,7 +436,7 @@ class DistillTrainer:
         s_BF, noise = self._levels_and_noise(x0.shape, num_f, first_given)
         with cfg.runtime.autocast():
             critic_ctx = self.critic.encode_prompts(batch["prompt"])
-            loss_c = critic_loss(self.critic, x0.detach(), critic_ctx, window_actions, s_BF, noise, anchor)
+            loss_c = critic_loss(self.critic, x0.detach(), critic_ctx, window_actions, s_BF, noise, anchor, image=image)
         stats["critic_loss"] = self._apply(loss_c, self.critic_opt, "critic")
         return stats
 
@@ -489,6 +499,21 @@ class DistillTrainer:
                 x0 = stream.next_chunk(actions[:, start : start + F], exit_step=exit_step)
                 losses.append(torch.nn.functional.mse_loss(x0.float(), target[:, :, c * F : (c + 1) * F]))
         return torch.stack(losses).mean()
+
+    def _window_image(self, batch: dict, window_start: int) -> ImageInputs | None:
+        """A Wan2.1 I2V teacher's image inputs for the scored window of the rollouts: the stream's
+        condition channels of the window's frames (the image's own latent frame when the window
+        starts the stream; later, the frames that continue it) and the image's CLIP tokens --
+        what the student read while making those frames. None for other teachers."""
+        if self.teacher.dit.cfg.image_dim is None:
+            return None
+        if batch["frames"] is None:
+            raise ValueError("an image-to-video teacher (Wan2.1 I2V) scores rollouts from first frames: set data= "
+                             "(videos or shards) so that every rollout starts from an image")
+        stream = self.teacher.image_stream(batch["frames"][:, 0])
+        if window_start:
+            stream.next(window_start)
+        return stream.next(self.teacher.horizon_frames), stream.context_BLiD
 
     def _stream_anchor(self, batch: dict, window_start: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The stream's first frame as the anchor of a window starting at ``window_start``

@@ -24,7 +24,7 @@ import torch
 from streamkd.attention.layout import CausalLayout
 from streamkd.bundle import ModelBundle
 from streamkd.sampling.schedule import shift_sigmas
-from streamkd.sampling.stream import guided
+from streamkd.sampling.stream import ImageInputs, guided, with_image
 
 
 def _bcast(s_BF: torch.Tensor) -> torch.Tensor:
@@ -40,13 +40,14 @@ def weighted_mse(a: torch.Tensor, b: torch.Tensor, weight_BF: torch.Tensor) -> t
 def ode_regression_loss(
     student: ModelBundle, layout: CausalLayout, x_levels: torch.Tensor, sigmas: list[float], context: torch.Tensor,
     actions: torch.Tensor | None, gen: torch.Generator, global_batch: tuple[int, slice] | None = None,
-    first_given: bool = True,
+    first_given: bool = True, image: ImageInputs | None = None,
 ) -> torch.Tensor:
     """Self-Forcing / CausVid ODE init: each chunk gets its own random level ``k``; the student,
     block-causal, maps the teacher's trajectory point ``x_levels[:, k]`` to its end ``x_levels[:, -1]``.
 
     ``x_levels``: ``(B, K+1, C, F, h, w)``; frame 0 is the given first frame when ``first_given``
-    (image-to-video: held clean, not scored), else generated like the rest (text-to-video).
+    (image-to-video: held clean, not scored), else generated like the rest (text-to-video, and
+    Wan2.1 image-to-video, whose image enters through ``image``).
     ``global_batch``: (size, rows) when ``x_levels`` is a data-parallel slice; the levels are drawn
     for the whole batch.
     """
@@ -66,7 +67,8 @@ def ode_regression_loss(
         s_BF[:, 0] = 0.0
         x_in[:, :, 0] = x0[:, :, 0]
         weight_BF[:, 0] = 0.0
-    v = student.dit(x_in, 1000.0 * s_BF, context, actions, layout=layout)
+    x_dit, kw = with_image(x_in, image)
+    v = student.dit(x_dit, 1000.0 * s_BF, context, actions, layout=layout, **kw)
     return weighted_mse(x_in - _bcast(s_BF) * v, x0, weight_BF)
 
 
@@ -89,6 +91,7 @@ def _frame_weights(s_BF: torch.Tensor) -> torch.Tensor:
 def dmd_loss(
     x0_student: torch.Tensor, teacher: ModelBundle, critic: ModelBundle, context_2B: torch.Tensor, actions_2B: torch.Tensor | None,
     s_BF: torch.Tensor, noise: torch.Tensor, teacher_guidance: float, anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
+    image: ImageInputs | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DMD generator loss on a batch of student clips (gradient flows into ``x0_student`` only);
     its statistics stay tensors (the trainer reads them once per step, with the loss).
@@ -96,6 +99,7 @@ def dmd_loss(
     ``context_2B`` / ``actions_2B``: conditional rows then unconditional rows (empty prompt, null
     actions) for the teacher's CFG; the critic uses the conditional half. ``anchor``: the stream's
     first frame for clips that are windows of longer rollouts (``DiT.forward``), ``B`` rows.
+    ``image``: the clips' image-to-video inputs (Wan2.1 I2V), ``B`` rows.
     """
     B, num_f = s_BF.shape
     with torch.no_grad():
@@ -106,9 +110,11 @@ def dmd_loss(
         anchor_rows = None if anchor is None else (anchor[0].repeat(rows, 1, 1, 1), anchor[1].repeat(rows, 1))
         actions_real = None if actions_2B is None else actions_2B[: rows * B]
         actions_fake = None if actions_2B is None else actions_2B[:B]
-        v_real = guided(teacher.dit(x_s.repeat(rows, 1, 1, 1, 1), t.repeat(rows, 1), context_2B[: rows * B], actions_real,
-                                    anchor=anchor_rows), B, teacher_guidance)
-        v_fake = critic.dit(x_s, t, context_2B[:B], actions_fake, anchor=anchor)
+        x_real, kw_real = with_image(x_s.repeat(rows, 1, 1, 1, 1), image, rows)
+        v_real = guided(teacher.dit(x_real, t.repeat(rows, 1), context_2B[: rows * B], actions_real,
+                                    anchor=anchor_rows, **kw_real), B, teacher_guidance)
+        x_fake, kw_fake = with_image(x_s, image)
+        v_fake = critic.dit(x_fake, t, context_2B[:B], actions_fake, anchor=anchor, **kw_fake)
         x0_real = x_s - _bcast(s_BF) * v_real
         x0_fake = x_s - _bcast(s_BF) * v_fake
         norm = (x - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
@@ -119,11 +125,12 @@ def dmd_loss(
 
 def critic_loss(
     critic: ModelBundle, x0_student: torch.Tensor, context_B: torch.Tensor, actions_B: torch.Tensor, s_BF: torch.Tensor,
-    noise: torch.Tensor, anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
+    noise: torch.Tensor, anchor: tuple[torch.Tensor, torch.Tensor] | None = None, image: ImageInputs | None = None,
 ) -> torch.Tensor:
-    """Flow matching of the fake-score critic on (detached) student samples (``anchor`` as in
-    ``dmd_loss``)."""
+    """Flow matching of the fake-score critic on (detached) student samples (``anchor`` and
+    ``image`` as in ``dmd_loss``)."""
     x = x0_student.detach()
     x_s = (1 - _bcast(s_BF)) * x + _bcast(s_BF) * noise
-    v = critic.dit(x_s, 1000.0 * s_BF, context_B, actions_B, anchor=anchor)
+    x_in, kw = with_image(x_s, image)
+    v = critic.dit(x_in, 1000.0 * s_BF, context_B, actions_B, anchor=anchor, **kw)
     return weighted_mse(v, noise - x, _frame_weights(s_BF))

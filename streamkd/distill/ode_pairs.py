@@ -38,7 +38,7 @@ from streamkd.bundle import ModelBundle, load_model
 from streamkd.models.wan_model import WanOptions
 from streamkd.data.prompts import collate, condition_source
 from streamkd.sampling.schedule import make_sampler
-from streamkd.sampling.stream import guided
+from streamkd.sampling.stream import ImageInputs, guided, with_image
 
 
 @dataclass
@@ -110,12 +110,21 @@ def keep_indices(cfg: ODEPairsConfig) -> list[int]:
 @torch.no_grad()
 def teacher_trajectories(
     teacher: ModelBundle, batch: dict, cfg: ODEPairsConfig, gen: torch.Generator
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, ImageInputs | None]:
     """``(B, K+1, C, F, h, w)``: the kept trajectory points and the end point (F: the teacher's
-    horizon). Frame 0 is held clean at the first frame's latent when the batch has frames."""
+    horizon), and the image inputs they were made with (Wan2.1 I2V teachers; else None). Frame 0
+    is held clean at the first frame's latent when the batch has frames -- except for a Wan2.1
+    I2V teacher, which denoises every frame and reads the first frame as its image inputs."""
     frames, actions, prompts = batch["frames"], batch["actions"], batch["prompt"]
     B, num_f = len(prompts), teacher.horizon_frames
     param = teacher.dit.proj_out.weight
+    image = None
+    if teacher.dit.cfg.image_dim is not None:
+        if frames is None:
+            raise ValueError("an image-to-video teacher (Wan2.1 I2V) makes pairs from first frames: set data= "
+                             "(videos or shards) so that every clip has one")
+        image = teacher.image_inputs(frames[:, 0], num_f)
+        frames = None  # not held clean: the image inputs carry it
     first = None if frames is None else teacher.codec.encode(frames[:, :1]).to(param.device, param.dtype)
     if actions is not None and not teacher.num_actions:
         actions = None  # a teacher without an action embedding ignores the source's actions
@@ -140,10 +149,11 @@ def teacher_trajectories(
         t_BF.fill_(1000.0 * sampler.sigmas[i])
         if first is not None:
             t_BF[:, 0] = 0.0
-        v = guided(teacher.dit(x.repeat(rows, 1, 1, 1, 1), t_BF, ctx, a), B, cfg.guidance_scale)
+        x_in, image_kw = with_image(x.repeat(rows, 1, 1, 1, 1), image, rows)
+        v = guided(teacher.dit(x_in, t_BF, ctx, a, **image_kw), B, cfg.guidance_scale)
         x = sampler.step(v, i, x, torch.randn(x.shape, generator=gen).to(x) if sampler.stochastic else None)
     kept.append(x)
-    return torch.stack(kept, 1)
+    return torch.stack(kept, 1), image
 
 
 def generate_ode_pairs(cfg: ODEPairsConfig, progress: bool = True) -> Path:
@@ -163,13 +173,15 @@ def generate_ode_pairs(cfg: ODEPairsConfig, progress: bool = True) -> Path:
         index = list(range(first, min(first + cfg.shard_clips, cfg.num_clips)))
         batch = collate([data[i] for i in index])
         gen = torch.Generator().manual_seed(cfg.base_seed * 1_000_003 + shard)  # per shard: resumable
-        latents = teacher_trajectories(teacher, batch, cfg, gen)
+        latents, image = teacher_trajectories(teacher, batch, cfg, gen)
+        tensors = {"latents": latents.half().cpu(), "clip_index": torch.tensor(index),
+                   "actions": batch["actions"] if batch["actions"] is not None else torch.zeros(len(index), latents.shape[3], dtype=torch.long)}
+        if image is not None:  # the student regresses with the same image inputs
+            tensors["image_condition"], tensors["image_context"] = image[0].half().cpu(), image[1].half().cpu()
         atomic_save_safetensors(
-            {"latents": latents.half().cpu(), "clip_index": torch.tensor(index),
-             "actions": batch["actions"] if batch["actions"] is not None else torch.zeros(len(index), latents.shape[3], dtype=torch.long)},
-            path,
+            tensors, path,
             metadata={"prompts": json.dumps(batch["prompt"]), "keep_sigmas": json.dumps(cfg.keep_sigmas),
-                      "first_given": json.dumps(batch["frames"] is not None)},
+                      "first_given": json.dumps(batch["frames"] is not None and image is None)},
         )
     return out
 
@@ -184,20 +196,28 @@ class ODEPairStore:
         paths = sorted(folder.glob("shard_*.safetensors"))
         if not paths:
             raise FileNotFoundError(f"no ODE-pair shards in {folder}; run `streamkd distill ode-pairs` first")
-        latents, actions, prompts = [], [], []
+        latents, actions, prompts, conditions, contexts = [], [], [], [], []
         for path in paths:
             tensors = load_safetensors(path)
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata()
             latents.append(tensors["latents"])
             actions.append(tensors["actions"])
+            if "image_condition" in tensors:
+                conditions.append(tensors["image_condition"])
+                contexts.append(tensors["image_context"])
             prompts += json.loads(meta["prompts"])
             self.keep_sigmas = json.loads(meta["keep_sigmas"])
             # frame 0 of each trajectory is a given first frame (image-to-video) unless the shard
             # says otherwise (text-to-video pairs; shards written before the key are all image-to-video)
             self.first_given = json.loads(meta.get("first_given", "true"))
+        if conditions and len(conditions) != len(paths):
+            raise ValueError(f"{folder} mixes image-to-video shards (with image inputs) and others; "
+                             "make the pairs of one teacher into one folder")
         self.latents = torch.cat(latents)
         self.actions = torch.cat(actions)
+        self.image: ImageInputs | None = (torch.cat(conditions), torch.cat(contexts)) if conditions else None
+        """Wan2.1 I2V pairs: the image inputs of every clip (condition channels, CLIP tokens)."""
         self.prompts = prompts
 
     def __len__(self) -> int:

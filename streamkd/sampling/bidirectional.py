@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from streamkd.bundle import ModelBundle
-from streamkd.sampling.stream import guided
+from streamkd.sampling.stream import guided, with_image
 
 
 @torch.no_grad()
@@ -39,13 +39,11 @@ def sample_clip(
         if use_cfg:
             actions = torch.cat([actions, torch.full_like(actions, model.dit.null_action)])
     rows = 2 if use_cfg else 1
-    cond_BCFhw = image_BLiD = None
+    image = None
     if model.dit.cfg.image_dim is not None:  # Wan2.1 I2V (a WanModel): the first frame as CLIP tokens + channels
         if first_frames_BHWC is None:
             raise ValueError("this is an image-to-video model: pass the first frames (generate: --image)")
-        cond_BCFhw, image_BLiD = model.image_inputs(first_frames_BHWC, num_frames)
-        cond_BCFhw = cond_BCFhw.repeat(rows, 1, 1, 1, 1)
-        image_BLiD = image_BLiD.repeat(rows, 1, 1)
+        image = model.image_inputs(first_frames_BHWC, num_frames)
         first_frames_BHWC = None  # not held clean: the condition carries it
     first = None if first_frames_BHWC is None else model.codec.encode(first_frames_BHWC[:, None]).to(device, dtype)
     x = torch.randn(shape, generator=generator).to(device, dtype)
@@ -56,10 +54,8 @@ def sample_clip(
         t_BF.fill_(1000.0 * sampler.sigmas[i])
         if first is not None:
             t_BF[:, 0] = 0.0
-        x_in = x.repeat(rows, 1, 1, 1, 1)
-        if cond_BCFhw is not None:
-            x_in = torch.cat([x_in, cond_BCFhw], 1)
-        v = guided(model.dit(x_in, t_BF, context, actions, image_context_BLiD=image_BLiD), B, guidance_scale)
+        x_in, image_kw = with_image(x.repeat(rows, 1, 1, 1, 1), image, rows)
+        v = guided(model.dit(x_in, t_BF, context, actions, **image_kw), B, guidance_scale)
         noise = torch.randn(shape, generator=generator).to(device, dtype) if sampler.stochastic else None
         x = sampler.step(v, i, x, noise)
     if first is not None:

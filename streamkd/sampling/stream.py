@@ -36,6 +36,21 @@ StepHook = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 """(chunk index, step index, model input x_BCFhw, timesteps t_BF, guided velocity v_BCFhw)."""
 
 
+ImageInputs = tuple[torch.Tensor, torch.Tensor]
+"""Wan2.1 image-to-video conditioning of ``B`` clips: ``(condition_BCFhw, image_context_BLiD)``
+(``WanModel.image_inputs`` / ``ImageStream``); the denoiser reads ``cat([x, condition])`` and the
+CLIP tokens, the same in every CFG row."""
+
+
+def with_image(x_BCFhw: torch.Tensor, image: ImageInputs | None, rows: int = 1) -> tuple[torch.Tensor, dict]:
+    """The denoiser's input and keyword arguments for ``x`` (``rows`` copies of the batch: CFG)."""
+    if image is None:
+        return x_BCFhw, {}
+    condition, context = image
+    return (torch.cat([x_BCFhw, condition.repeat(rows, 1, 1, 1, 1)], 1),
+            {"image_context_BLiD": context.repeat(rows, 1, 1)})
+
+
 def guided(v_2B: torch.Tensor, batch: int, scale: float) -> torch.Tensor:
     """CFG ``uncond + scale (cond - uncond)``; the first ``batch`` rows are the conditional half."""
     if v_2B.shape[0] == batch:
@@ -142,12 +157,9 @@ class StreamGenerator:
     def _dit(self, x_BCFhw: torch.Tensor, t_BF: torch.Tensor, actions, condition: torch.Tensor | None, **kw):
         """One pass of the denoiser over the chunk's rows (the CFG rows share latents, and an
         image-to-video stream's condition channels and CLIP tokens)."""
-        x = self._rows(x_BCFhw)
-        image = None
-        if condition is not None:
-            x = torch.cat([x, self._rows(condition)], 1)
-            image = self.image.context_BLiD.repeat(self.rows // self.batch_size, 1, 1)
-        return self.model.dit(x, t_BF, self.context, actions, cache=self.cache, image_context_BLiD=image, **kw)
+        image = None if condition is None else (condition, self.image.context_BLiD)
+        x, image_kw = with_image(self._rows(x_BCFhw), image, self.rows // self.batch_size)
+        return self.model.dit(x, t_BF, self.context, actions, cache=self.cache, **image_kw, **kw)
 
     def _condition(self) -> torch.Tensor | None:
         """The next chunk's image-to-video condition channels (None for other models)."""
