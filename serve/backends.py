@@ -167,8 +167,8 @@ class ModelBackend:
 
     @staticmethod
     def _action_names(model) -> list[str]:
-        """The protocol's action names when the model takes them (the toy world's moves); none otherwise."""
-        return list(ACTIONS) if model.num_actions == len(ACTIONS) else []
+        """The protocol's action names (the model's, index = id); none for a model without actions."""
+        return list(model.action_names) if model.num_actions else []
 
     def check_prompt(self, prompt: str) -> str:
         return self.model.check_prompt(prompt)

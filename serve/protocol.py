@@ -14,6 +14,7 @@ import binascii
 import json
 import struct
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import Any
@@ -173,7 +174,7 @@ class Start:
 @dataclass(frozen=True)
 class Action:
     seq: int
-    action: int  # id into ``ACTIONS``
+    action: int  # id into the model's action names (``welcome.model.actions``)
 
 
 @dataclass(frozen=True)
@@ -280,8 +281,9 @@ def _start_fields(msg: dict, kind: str, partial: bool) -> dict[str, Any]:
     return out
 
 
-def parse_client_message(text: str | bytes) -> ClientMessage:
-    """Validate one client message; raises ``ProtocolError`` naming the problem and the fix."""
+def parse_client_message(text: str | bytes, actions: Sequence[str] = ACTIONS) -> ClientMessage:
+    """Validate one client message; raises ``ProtocolError`` naming the problem and the fix.
+    ``actions``: the served model's action names (``welcome.model.actions``; index = id)."""
     if isinstance(text, bytes):
         raise ProtocolError(ErrorCode.UNEXPECTED_BINARY, "clients send JSON text messages only; binary messages are not part of protocol v1")
     try:
@@ -314,9 +316,12 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
     if kind == "action":
         _fields(msg, {"seq", "action"}, kind)
         name = msg.get("action")
-        if name not in ACTIONS:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"action.action must be one of {list(ACTIONS)}, got {_short(name)}")
-        return Action(_int(msg, "seq", kind, 1, MAX_SEQ), ACTIONS.index(name))
+        if not actions:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "this model takes no actions (welcome.model.actions is empty); "
+                                "steer it with prompts")
+        if name not in actions:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"action.action must be one of {list(actions)}, got {_short(name)}")
+        return Action(_int(msg, "seq", kind, 1, MAX_SEQ), list(actions).index(name))
     if kind == "prompt":
         _fields(msg, {"prompt"}, kind)
         return PromptSwitch(_prompt(msg.get("prompt"), kind))

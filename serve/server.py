@@ -529,7 +529,7 @@ class _Connection:
                 continue
             warned = False
             try:
-                msg = parse_client_message(raw)
+                msg = parse_client_message(raw, self.server.backend.actions)
                 if isinstance(msg, HEAVY) and not self.heavy.take():
                     raise ProtocolError(ErrorCode.RATE_LIMITED, f"start, reset and prompt are limited to {self.cfg.heavy_rate:g}/s "
                                         f"(bursts of {self.cfg.heavy_burst}); this one was dropped", retry=True)

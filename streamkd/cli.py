@@ -225,7 +225,7 @@ def cmd_generate(args) -> None:
         raise ValueError(f"this model's codec is {tf}x in time: --frames must be 1 + {tf} k (e.g. "
                          f"{pixel_frames(num_latent - 1, tf)} or {pixel_frames(num_latent, tf)}), got {args.frames}")
     if model.num_actions:
-        actions = parse_action_spec(args.actions, num_latent)
+        actions = parse_action_spec(args.actions, num_latent, model.action_names)
     elif args.actions != "none":
         raise ValueError(f"{args.checkpoint} takes no actions (its DiT has no action embedding); drop --actions")
     else:

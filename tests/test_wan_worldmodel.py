@@ -84,6 +84,33 @@ def test_fine_tuned_world_model_generates_with_actions(setup, tmp_path: Path) ->
     assert out.stat().st_size > 0
 
 
+def test_a_world_model_names_its_own_actions(setup, tmp_path: Path, capsys) -> None:
+    """``action_names`` with ``add_actions``: the checkpoint keeps the vocabulary; ``--actions``
+    and the protocol read it (index = the sidecars' id); names that cannot be typed are refused."""
+    from serve.protocol import Action, ProtocolError, parse_client_message
+
+    folder, videos = setup
+    names = ["idle", "forward", "back", "left", "right", "jump"]
+    TeacherTrainer(_cfg(folder, videos, tmp_path / "run", max_steps=1, add_actions=6, action_names=names)).train(progress=False)
+    model = load_model(str(tmp_path / "run" / "final"))
+    assert model.num_actions == 6 and model.action_names == names
+    out = tmp_path / "walk.mp4"
+    base = ["generate", "--checkpoint", str(tmp_path / "run" / "final"), "--prompt", "a path in the snow",
+            "--frames", str(PIXEL_FRAMES), "--steps", "1", "--out", str(out)]
+    assert main([*base, "--actions", "forward:2,jump:1"]) == 0 and out.stat().st_size > 0
+    assert main([*base, "--actions", "up:2"]) != 0
+    assert "unknown action 'up' at segment 1; allowed: idle, forward, back, left, right, jump" in capsys.readouterr().err
+    assert parse_client_message('{"type": "action", "seq": 1, "action": "jump"}', names) == Action(1, 5)
+    with pytest.raises(ProtocolError, match=r"must be one of \['idle', 'forward'"):
+        parse_client_message('{"type": "action", "seq": 1, "action": "up"}', names)
+    with pytest.raises(ProtocolError, match="this model takes no actions"):
+        parse_client_message('{"type": "action", "seq": 1, "action": "up"}', [])
+    for bad, match in ((names[:5], "names 5 actions, the model takes 6"), (["a", "b", "c", "d", "e", "b"], "repeats a name"),
+                       (["idle", "go,left", "b", "c", "d", "e"], "'go,left' is not a usable action name")):
+        with pytest.raises(ValueError, match=match):
+            _cfg(folder, videos, tmp_path / "x", add_actions=6, action_names=bad)
+
+
 def test_fine_tune_refuses_what_it_cannot_do(setup, tmp_path: Path) -> None:
     folder, videos = setup
     with pytest.raises(ValueError, match="fine-tuning it needs videos or shards"):

@@ -36,6 +36,7 @@ from streamkd import distributed
 from streamkd.bundle import checkpoint_kind, latent_actions, load_model, pixel_frames, trains_text_encoder
 from streamkd.checkpoint import latest_checkpoint, load_training_checkpoint
 from streamkd.config import from_dict, to_dict
+from streamkd.data.actions import check_action_names
 from streamkd.data.loader import open_training_data, step_batches
 from streamkd.data.toyworld import ToyClipDataset
 from streamkd.models.wan_model import WanOptions
@@ -63,6 +64,10 @@ class TeacherTrainConfig:
     more row for the null action, CFG's unconditional input), zero-initialised so the fine-tune
     starts exactly at the pretrained model -- how a text-to-video teacher becomes a world model
     that follows per-frame actions (the videos' action sidecars). 0 keeps the init's."""
+    action_names: list[str] | None = None
+    """Wan init with ``add_actions``: the actions' names, index = the sidecars' id (e.g.
+    ``[idle, forward, back, left, right, jump]``), saved in the checkpoint; typed in ``--actions``
+    and sent by clients. None: ``default_action_names`` (the toy camera's five for 5 actions)."""
     out_dir: str = "runs/teacher"
     """Run folder: checkpoints/, tensorboard/, losses.jsonl, final/ (inference checkpoint)."""
     seed: int = 0
@@ -140,6 +145,10 @@ class TeacherTrainConfig:
             raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.action_names is not None:
+            if not self.add_actions:
+                raise ValueError("action_names names the actions add_actions creates; set add_actions too (or drop action_names)")
+            check_action_names(self.action_names, self.add_actions, "action_names")
         if self.num_workers < 0 or self.prefetch_factor < 1:
             raise ValueError(f"num_workers must be >= 0 and prefetch_factor >= 1, got {self.num_workers}, "
                              f"{self.prefetch_factor}; use num_workers=0 to load in the training process")
@@ -304,7 +313,8 @@ class TeacherTrainer:
             return base.train()
         if base.num_actions:
             raise ValueError(f"add_actions={cfg.add_actions}: {cfg.init} already takes {base.num_actions} actions; set add_actions: 0")
-        model = base.like(dataclasses.replace(base.cfg, dit=dataclasses.replace(base.cfg.dit, num_actions=cfg.add_actions)))
+        model = base.like(dataclasses.replace(base.cfg, dit=dataclasses.replace(base.cfg.dit, num_actions=cfg.add_actions),
+                                              action_names=list(cfg.action_names or [])))
         missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
         assert not unexpected and missing == ["dit.action_embed.weight"], (missing, unexpected)
         return model.train()  # the new embedding is zero-initialised (DiT): step 0 is the pretrained model

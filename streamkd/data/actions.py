@@ -10,29 +10,55 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-# Index == action id.  The toy world owns the vocabulary (its dynamics and
-# trained checkpoints depend on the order); re-exported here for convenience.
+# Index == action id.  The toy world owns its vocabulary (its dynamics and trained checkpoints
+# depend on the order): the default here; other models name theirs (``bundle.action_names``).
 from streamkd.data.toyworld import ACTIONS
 
-__all__ = ["ACTIONS", "ActionSpecError", "format_action_spec", "parse_action_spec"]
+__all__ = ["ACTIONS", "ActionSpecError", "check_action_names", "default_action_names", "format_action_spec",
+           "parse_action_spec"]
 
-_EXAMPLE = "right:16,up:8,none:4"
-_ALLOWED = (
-    f"allowed: {', '.join(ACTIONS)} (or ids 0-{len(ACTIONS) - 1}); "
-    f"example: {_EXAMPLE!r}"
-)
+
+def default_action_names(num_actions: int) -> list[str]:
+    """A model's action names when its checkpoint names none: the toy camera's five (the ids of
+    the toy videos' sidecars), else ``a0 .. a{N-1}``."""
+    return list(ACTIONS) if num_actions == len(ACTIONS) else [f"a{i}" for i in range(num_actions)]
+
+
+def check_action_names(names: Sequence[str], num_actions: int, field: str) -> None:
+    """Raise unless ``names`` can name ``num_actions`` actions on the command line and the protocol."""
+    if len(names) != num_actions:
+        raise ValueError(f"{field} names {len(names)} actions, the model takes {num_actions}; give one name per id, in order")
+    for name in names:
+        if not name or name != name.strip().lower() or any(c in name for c in ",:#") or name.isdigit():
+            raise ValueError(f"{field}: {name!r} is not a usable action name (lowercase, no spaces, ',', ':' or '#', "
+                             "not a number: names are typed in --actions specs and sent by clients)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{field} repeats a name: {list(names)}")
+
+def _allowed(names: tuple[str, ...]) -> str:
+    example = "right:16,up:8,none:4" if names == ACTIONS else f"{names[-1]}:16,{names[0]}:4"
+    return f"allowed: {', '.join(names)} (or ids 0-{len(names) - 1}); example: {example!r}"
 
 
 class ActionSpecError(ValueError):
     """An action spec (string or file) cannot be turned into action ids."""
 
 
-def _fail(source: str, problem: str) -> ActionSpecError:
+@dataclass(frozen=True)
+class _Source:
+    """Where a spec came from (for errors) and the vocabulary it is read in."""
+
+    text: str
+    names: tuple[str, ...]
+
+
+def _fail(source: _Source, problem: str) -> ActionSpecError:
     # One line on purpose: these surface as CLI errors next to a flag name.
-    return ActionSpecError(f"bad action spec {source}: {problem}; {_ALLOWED}")
+    return ActionSpecError(f"bad action spec {source.text}: {problem}; {_allowed(source.names)}")
 
 
 def _is_uint(text: str) -> bool:
@@ -41,11 +67,11 @@ def _is_uint(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
-def _action_id(name: str, source: str, where: str) -> int:
+def _action_id(name: str, source: _Source, where: str) -> int:
     key = name.strip().lower()
-    if key in ACTIONS:
-        return ACTIONS.index(key)
-    if _is_uint(key) and int(key) < len(ACTIONS):
+    if key in source.names:
+        return source.names.index(key)
+    if _is_uint(key) and int(key) < len(source.names):
         return int(key)
     hint = ""
     if os.sep in name or name.endswith((".txt", ".json")):
@@ -53,7 +79,7 @@ def _action_id(name: str, source: str, where: str) -> int:
     raise _fail(source, f"unknown action {name.strip()!r} at {where}{hint}")
 
 
-def _parse_segment(token: str, source: str, where: str) -> tuple[int, int]:
+def _parse_segment(token: str, source: _Source, where: str) -> tuple[int, int]:
     """Parse ``name`` or ``name:count`` into ``(action_id, count)``."""
     name, sep, count_text = token.partition(":")
     action = _action_id(name, source, where)
@@ -86,7 +112,7 @@ def _compact_segments(text: str) -> Iterator[tuple[str, str]]:
             yield segment, where
 
 
-def _json_segments(text: str, source: str) -> Iterator[tuple[str, str]]:
+def _json_segments(text: str, source: _Source) -> Iterator[tuple[str, str]]:
     try:
         items = json.loads(text)
     except json.JSONDecodeError as err:
@@ -100,8 +126,11 @@ def _json_segments(text: str, source: str) -> Iterator[tuple[str, str]]:
         yield str(item), f"JSON item {index}"
 
 
-def parse_action_spec(spec: str, num_frames: int) -> list[int]:
+def parse_action_spec(spec: str, num_frames: int, names: Sequence[str] = ACTIONS) -> list[int]:
     """Expand an action spec into exactly ``num_frames`` action ids.
+
+    ``names``: the model's action vocabulary (``bundle.action_names``; the index is the id),
+    the toy camera's by default.
 
     ``spec`` is either compact syntax (``"right:16,up:8,none:4"``; a bare name
     counts once) or the path of an existing file holding compact syntax
@@ -114,14 +143,15 @@ def parse_action_spec(spec: str, num_frames: int) -> list[int]:
     """
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
         raise ActionSpecError(f"num_frames must be a positive integer, got {num_frames!r}")
+    names = tuple(names)
     if not spec.strip():
-        raise _fail(repr(spec), "the spec is empty")
+        raise _fail(_Source(repr(spec), names), "the spec is empty")
 
     # os.path.isfile (unlike Path.is_file) swallows "name too long" and NUL
     # errors, which long or odd compact specs would otherwise trigger.
     if os.path.isfile(spec):
         path = Path(spec)
-        source = f"file {str(path)!r}"
+        source = _Source(f"file {str(path)!r}", names)
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
@@ -135,7 +165,7 @@ def parse_action_spec(spec: str, num_frames: int) -> list[int]:
     else:
         # The offending token is quoted on its own, so a long spec is
         # shortened here to keep the one-line error readable.
-        source = repr(spec) if len(spec) <= 60 else repr(spec[:57] + "...")
+        source = _Source(repr(spec) if len(spec) <= 60 else repr(spec[:57] + "..."), names)
         segments = _compact_segments(spec)
 
     pattern: list[int] = []
@@ -152,18 +182,18 @@ def parse_action_spec(spec: str, num_frames: int) -> list[int]:
     return (pattern * repeats)[:num_frames]
 
 
-def format_action_spec(ids: Iterable[int]) -> str:
+def format_action_spec(ids: Iterable[int], names: Sequence[str] = ACTIONS) -> str:
     """Run-length encode action ids into compact syntax (inverse of parsing).
 
-    ``parse_action_spec(format_action_spec(ids), len(ids)) == list(ids)``.
+    ``parse_action_spec(format_action_spec(ids, names), len(ids), names) == list(ids)``.
     """
     runs: list[list[int]] = []  # [action_id, count]
     for position, raw in enumerate(ids):
         action = int(raw)
-        if not 0 <= action < len(ACTIONS):
+        if not 0 <= action < len(names):
             raise ActionSpecError(
-                f"action id {action} at position {position} is out of range 0-{len(ACTIONS) - 1} "
-                f"({', '.join(ACTIONS)})"
+                f"action id {action} at position {position} is out of range 0-{len(names) - 1} "
+                f"({', '.join(names)})"
             )
         if runs and runs[-1][0] == action:
             runs[-1][1] += 1
@@ -171,4 +201,4 @@ def format_action_spec(ids: Iterable[int]) -> str:
             runs.append([action, 1])
     if not runs:
         raise ActionSpecError("cannot format an empty action sequence; a spec needs at least one action")
-    return ",".join(ACTIONS[a] if n == 1 else f"{ACTIONS[a]}:{n}" for a, n in runs)
+    return ",".join(names[a] if n == 1 else f"{names[a]}:{n}" for a, n in runs)

@@ -38,6 +38,7 @@ from streamkd.bundle import CausalConfig, SamplingConfig
 from streamkd.cache.memory import MemoryConfig
 from streamkd.checkpoint import CheckpointError, atomic_save_safetensors, load_inference_weights
 from streamkd.config import from_dict, to_dict
+from streamkd.data.actions import check_action_names, default_action_names
 from streamkd.models.dit import DiT, DiTConfig
 
 PIPELINE_COMPONENTS = {
@@ -93,6 +94,9 @@ class WanModelConfig:
     """Prompt tokens (UMT5); longer prompts are truncated with a warning (streamkd.models.text)."""
     negative_prompt: str = ""
     """CFG's unconditional prompt (diffusers' WanPipeline default: empty)."""
+    action_names: list[str] = field(default_factory=list)
+    """Names of the actions a world model takes (index = id), typed in ``--actions`` and sent by
+    clients; empty: ``default_action_names`` (the toy camera's five for a 5-action model)."""
     causal: CausalConfig | None = None
     """Set for causal (streaming) checkpoints; None for bidirectional teachers."""
     sampling: SamplingConfig = field(
@@ -105,6 +109,8 @@ class WanModelConfig:
             raise ValueError(f"kind must be 'wan', got {self.kind!r}")
         if self.horizon_frames < 1 or self.max_text_length < 1:
             raise ValueError(f"horizon_frames and max_text_length must be >= 1, got {self.horizon_frames}, {self.max_text_length}")
+        if self.action_names:
+            check_action_names(self.action_names, self.dit.num_actions, "action_names")
 
     def memory_for_stream(self, memory: MemoryConfig | None) -> MemoryConfig | None:
         return memory  # no torus: a real camera does not wrap around
@@ -314,6 +320,10 @@ class WanModel(nn.Module):
     @property
     def num_actions(self) -> int:
         return self.cfg.dit.num_actions
+
+    @property
+    def action_names(self) -> list[str]:
+        return self.cfg.action_names or default_action_names(self.num_actions)
 
     @property
     def is_causal(self) -> bool:

@@ -16,6 +16,7 @@ from torch import nn
 from streamkd.bundle import CausalConfig, SamplingConfig, resolve_checkpoint
 from streamkd.checkpoint import CheckpointError, atomic_save_safetensors, load_inference_weights
 from streamkd.config import from_dict, to_dict
+from streamkd.data.actions import default_action_names
 from streamkd.data.toyworld import ACTION_DELTAS, ACTIONS, STYLE_VOCAB, ToyClipDataset, ToyWorldConfig, parse_prompt, render
 from streamkd.cache.memory import MemoryConfig
 from streamkd.models.codec import CodecConfig, PatchPCACodec
@@ -117,6 +118,11 @@ class WorldModel(nn.Module):
     @property
     def num_actions(self) -> int:
         return self.cfg.dit.num_actions
+
+    @property
+    def action_names(self) -> list[str]:
+        """The toy camera's moves (index = id), when the model takes them."""
+        return default_action_names(self.num_actions)
 
     @property
     def is_causal(self) -> bool:
