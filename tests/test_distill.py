@@ -252,3 +252,48 @@ def test_memory_training_observes_revisits_and_regresses_the_way_back(teacher_di
 def test_bad_memory_training_options(teacher_dir: Path, tmp_path: Path, change: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         _distill_cfg(teacher_dir, tmp_path, **change)
+
+
+def test_gan_term_real_clips_are_the_rollouts_ground_truth(teacher_dir: Path, tmp_path: Path) -> None:
+    """The GAN term's real clips are the toy world's ground truth of the rollouts' own seeds,
+    prompts and actions: for the clips' own actions, exactly the clips."""
+    trainer = DistillTrainer(_distill_cfg(teacher_dir, tmp_path, gan_weight=0.1))
+    batch = collate_clips([trainer.data[i] for i in range(2)])
+    real = trainer._real_window(batch, 3)
+    want = trainer.teacher.codec.encode(batch["frames"][:, -3:]).float()
+    torch.testing.assert_close(real, want, atol=0, rtol=0)
+
+
+def test_gan_term_trains_the_head_and_moves_the_student(teacher_dir: Path, tmp_path: Path) -> None:
+    """DMD2's adversarial term: the discriminator head trains with the critic (and is in its
+    checkpoint: exact resume), the student's update gets the generator loss (its gradient
+    reaches the student through the critic), and the run with it differs from the run without."""
+    from streamkd.distill.gan import discriminate, generator_loss
+
+    kw = dict(gan_weight=0.5)
+    full = DistillTrainer(_distill_cfg(teacher_dir, tmp_path / "a", **kw)).train(progress=False)
+    assert {"gan_g_loss"} <= set(full[0]) and "gan_d_loss" in full[1]
+    DistillTrainer(_distill_cfg(teacher_dir, tmp_path / "b", **kw)).train(stop_after=2, progress=False)
+    rest = DistillTrainer(_distill_cfg(teacher_dir, tmp_path / "b", **kw)).train(progress=False)
+    strip = lambda hs: [{k: v for k, v in h.items() if k != "step_s"} for h in hs]  # noqa: E731
+    assert strip(full[2:]) == strip(rest)
+    plain = DistillTrainer(_distill_cfg(teacher_dir, tmp_path / "c")).train(progress=False)
+    # step 0 is the same rollout: the student's objective is DMD plus the weighted generator loss
+    assert full[0]["dmd_loss"] == pytest.approx(plain[0]["dmd_loss"] + 0.5 * full[0]["gan_g_loss"], rel=1e-5)
+    assert plain[2]["dmd_loss"] != full[2]["dmd_loss"]
+    # the generator loss's gradient reaches the student's clip through the critic and its head
+    trainer = DistillTrainer(_distill_cfg(teacher_dir, tmp_path / "d", **kw))
+    batch = collate_clips([trainer.data[i] for i in range(2)])
+    x0 = trainer.rollout(batch, with_grad=True)
+    s_BF = torch.full((2, x0.shape[2]), 0.5)
+    s_BF[:, 0] = 0.0
+    ctx = trainer.critic.encode_prompts(batch["prompt"])
+    logits = discriminate(trainer.critic, trainer.critic.gan_head, trainer.gan_layer, x0, s_BF, torch.randn_like(x0),
+                          ctx, batch["actions"][:, -x0.shape[2]:])
+    assert logits.shape == (2, x0.shape[2])
+    generator_loss(logits, s_BF).backward()
+    grads = [p.grad for p in trainer.student.dit.parameters() if p.grad is not None]
+    assert grads and sum(g.abs().sum() for g in grads) > 0
+    assert "gan_head.fc2.weight" in trainer.critic.state_dict()
+    with pytest.raises(ValueError, match="gan_layer=9: the critic has blocks 0-"):
+        DistillTrainer(_distill_cfg(teacher_dir, tmp_path / "e", gan_weight=0.1, gan_layer=9))

@@ -43,6 +43,8 @@ from streamkd.bundle import ModelBundle, load_model
 from streamkd.runtime import RuntimeConfig, place, prepare
 from streamkd.models.wan_model import WanOptions
 from streamkd.data.prompts import collate, condition_source
+from streamkd.distill import gan
+from streamkd.distill.gan import GANHead, discriminate
 from streamkd.distill.losses import critic_loss, dmd_loss, ode_regression_loss, sample_levels
 from streamkd.distill.ode_pairs import ODEPairStore
 from streamkd.bundle import CausalConfig, SamplingConfig
@@ -127,6 +129,16 @@ class DistillConfig:
     way back chunk by chunk with its own cache, and each returning chunk's x0 is regressed onto the
     ground truth (the toy world renders it exactly; on real data the video is the ground truth).
     What the way back shows left the window long ago: the only place to find it is memory."""
+    gan_weight: float = 0.0
+    """dmd: weight of an adversarial term on the student (DMD2, ``streamkd.distill.gan``): a head on
+    the critic's features tells noised real clips from noised student clips, and the student is
+    pushed toward what real clips look like -- detail the teacher's score cannot give where the
+    teacher paints mush. Real clips: the toy world's ground truth of the rollouts' own seeds,
+    prompts and actions (other teachers: not yet). 0: off."""
+    gan_disc_weight: float = 1.0
+    """dmd with ``gan_weight``: weight of the discriminator loss, added to the critic's flow matching."""
+    gan_layer: int = -1
+    """dmd with ``gan_weight``: the critic block whose output the head reads (-1: the middle one)."""
     memory_rows: int = 2
     """Revisit trajectories per student update for ``memory_weight`` (each streamed on its own)."""
     history_drop: float = 0.0
@@ -299,6 +311,16 @@ class DistillTrainer:
             self.teacher.use_prompt_cache(cfg.prompt_cache, listed)
         self.ema = copy.deepcopy(self.student).requires_grad_(False)
         self.critic = copy.deepcopy(self.teacher).requires_grad_(True).train() if cfg.method == "dmd" else None
+        self.gan_layer = None
+        if cfg.gan_weight > 0:
+            if cfg.method != "dmd" or self.teacher.conditions(1, 0) is None:
+                raise ValueError("gan_weight > 0 needs method dmd and real clips of the rollouts (the toy world renders "
+                                 "them); this run has none: set gan_weight: 0")
+            blocks = len(self.critic.dit.blocks)
+            self.gan_layer = blocks // 2 if cfg.gan_layer == -1 else cfg.gan_layer
+            if not 0 <= self.gan_layer < blocks:
+                raise ValueError(f"gan_layer={cfg.gan_layer}: the critic has blocks 0-{blocks - 1} (-1: the middle one)")
+            self.critic.gan_head = GANHead(self.critic.dit.cfg.dim)  # trained with the critic, saved in its checkpoints
         # devices, precision, checkpointing, compile, then FSDP2 -- from outside the model code,
         # before the optimizers exist; the EMA stays fp32 (its small steps would vanish in bf16)
         prepare(self.teacher, cfg.runtime, trainable=False)
@@ -426,6 +448,12 @@ class DistillTrainer:
                     loss_ode = self._ode_loss()
                     extra["dmd_term"], extra["ode_loss"] = self.dist.mean(loss_g), self.dist.mean(loss_ode)
                     loss_g = loss_g + cfg.ode_weight * loss_ode
+                if cfg.gan_weight > 0:
+                    fake = discriminate(self.critic, self.critic.gan_head, self.gan_layer, x0, s_BF, noise,
+                                        ctx[:B], window_actions, anchor, image)
+                    loss_gan = gan.generator_loss(fake, s_BF)
+                    extra["gan_g_loss"] = self.dist.mean(loss_gan)
+                    loss_g = loss_g + cfg.gan_weight * loss_gan
                 if cfg.memory_weight > 0:
                     loss_mem = self._memory_loss()
                     extra["memory_loss"] = self.dist.mean(loss_mem)
@@ -437,6 +465,15 @@ class DistillTrainer:
         with cfg.runtime.autocast():
             critic_ctx = self.critic.encode_prompts(batch["prompt"])
             loss_c = critic_loss(self.critic, x0.detach(), critic_ctx, window_actions, s_BF, noise, anchor, image=image)
+            if cfg.gan_weight > 0:
+                real = self._real_window(batch, num_f).to(x0)
+                real_noise = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=self.gen)[rows].to(x0)
+                args = (self.critic, self.critic.gan_head, self.gan_layer)
+                loss_d = gan.discriminator_loss(
+                    discriminate(*args, real, s_BF, real_noise, critic_ctx, window_actions, anchor, image),
+                    discriminate(*args, x0.detach(), s_BF, noise, critic_ctx, window_actions, anchor, image), s_BF)
+                stats["gan_d_loss"] = self.dist.mean(loss_d)
+                loss_c = loss_c + cfg.gan_disc_weight * loss_d
         stats["critic_loss"] = self._apply(loss_c, self.critic_opt, "critic")
         return stats
 
@@ -499,6 +536,19 @@ class DistillTrainer:
                 x0 = stream.next_chunk(actions[:, start : start + F], exit_step=exit_step)
                 losses.append(torch.nn.functional.mse_loss(x0.float(), target[:, :, c * F : (c + 1) * F]))
         return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def _real_window(self, batch: dict, num_f: int) -> torch.Tensor:
+        """Latents of the real clips the GAN term compares the rollouts with: the toy world's
+        ground truth of each rollout's seed, prompt and actions, its last ``num_f`` frames (the
+        scored window)."""
+        from streamkd.data.toyworld import ToyWorld
+
+        T, world = self.rollout_frames, self.teacher.cfg.world
+        actions = batch["actions"] if batch["actions"] is not None else torch.zeros(len(batch["prompt"]), T, dtype=torch.long)
+        frames = np.stack([ToyWorld(world, seed, prompt).render(a.numpy(), T)[T - num_f :]
+                           for seed, prompt, a in zip(batch["seed"], batch["prompt"], actions)])
+        return self.teacher.codec.encode(torch.from_numpy(frames)).float()
 
     def _window_image(self, batch: dict, window_start: int) -> ImageInputs | None:
         """A Wan2.1 I2V teacher's image inputs for the scored window of the rollouts: the stream's
