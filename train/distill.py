@@ -139,6 +139,10 @@ class DistillConfig:
     """dmd with ``gan_weight``: weight of the discriminator loss, added to the critic's flow matching."""
     gan_layer: int = -1
     """dmd with ``gan_weight``: the critic block whose output the head reads (-1: the middle one)."""
+    gan_s_max: float = 0.5
+    """dmd with ``gan_weight``: the clips are judged noised to a level drawn uniformly in
+    ``[dmd_s_min, gan_s_max]`` (one per clip). DMD's levels lean high (``dmd_shift``), where a real
+    and a student clip look alike under the noise and the discriminator can only guess."""
     memory_rows: int = 2
     """Revisit trajectories per student update for ``memory_weight`` (each streamed on its own)."""
     history_drop: float = 0.0
@@ -224,6 +228,8 @@ class DistillConfig:
                              "(compressed_frames and/or bank_frames); see streamkd/cache/memory.py")
         if not 0 < self.dmd_s_min < self.dmd_s_max <= 1:
             raise ValueError(f"need 0 < dmd_s_min < dmd_s_max <= 1, got {self.dmd_s_min}, {self.dmd_s_max}")
+        if self.gan_weight < 0 or not self.dmd_s_min < self.gan_s_max <= 1:
+            raise ValueError(f"need gan_weight >= 0 and dmd_s_min < gan_s_max <= 1, got {self.gan_weight}, {self.gan_s_max}")
 
 
 def _check_fit(teacher: ModelBundle, student: ModelBundle, cfg: DistillConfig) -> None:
@@ -449,9 +455,10 @@ class DistillTrainer:
                     extra["dmd_term"], extra["ode_loss"] = self.dist.mean(loss_g), self.dist.mean(loss_ode)
                     loss_g = loss_g + cfg.ode_weight * loss_ode
                 if cfg.gan_weight > 0:
-                    fake = discriminate(self.critic, self.critic.gan_head, self.gan_layer, x0, s_BF, noise,
+                    s_gan, noise_gan = self._gan_levels_and_noise(x0.shape, first_given)
+                    fake = discriminate(self.critic, self.critic.gan_head, self.gan_layer, x0, s_gan, noise_gan,
                                         ctx[:B], window_actions, anchor, image)
-                    loss_gan = gan.generator_loss(fake, s_BF)
+                    loss_gan = gan.generator_loss(fake, s_gan)
                     extra["gan_g_loss"] = self.dist.mean(loss_gan)
                     loss_g = loss_g + cfg.gan_weight * loss_gan
                 if cfg.memory_weight > 0:
@@ -467,11 +474,12 @@ class DistillTrainer:
             loss_c = critic_loss(self.critic, x0.detach(), critic_ctx, window_actions, s_BF, noise, anchor, image=image)
             if cfg.gan_weight > 0:
                 real = self._real_window(batch, num_f).to(x0)
+                s_gan, noise_gan = self._gan_levels_and_noise(x0.shape, first_given)
                 real_noise = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=self.gen)[rows].to(x0)
                 args = (self.critic, self.critic.gan_head, self.gan_layer)
                 loss_d = gan.discriminator_loss(
-                    discriminate(*args, real, s_BF, real_noise, critic_ctx, window_actions, anchor, image),
-                    discriminate(*args, x0.detach(), s_BF, noise, critic_ctx, window_actions, anchor, image), s_BF)
+                    discriminate(*args, real, s_gan, real_noise, critic_ctx, window_actions, anchor, image),
+                    discriminate(*args, x0.detach(), s_gan, noise_gan, critic_ctx, window_actions, anchor, image), s_gan)
                 stats["gan_d_loss"] = self.dist.mean(loss_d)
                 loss_c = loss_c + cfg.gan_disc_weight * loss_d
         stats["critic_loss"] = self._apply(loss_c, self.critic_opt, "critic")
@@ -584,6 +592,16 @@ class DistillTrainer:
         s_BF = sample_levels(size, num_f, self.gen, self.cfg.dmd_shift, self.cfg.dmd_s_min, self.cfg.dmd_s_max, first_given)
         noise = torch.randn((size, *shape[1:]), generator=self.gen)
         # drawn on the host generator (every rank consumes it alike), used on the device
+        return s_BF[self.rows].to(self.device), noise[self.rows].to(self.device)
+
+    def _gan_levels_and_noise(self, shape: torch.Size, first_given: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """GAN term noise levels (``gan_s_max``) and noise, drawn for the global batch; this rank's rows."""
+        size, num_f = self.cfg.batch_size, shape[2]
+        s = self.cfg.dmd_s_min + (self.cfg.gan_s_max - self.cfg.dmd_s_min) * torch.rand(size, generator=self.gen)
+        s_BF = s[:, None].expand(size, num_f).clone()
+        if first_given:
+            s_BF[:, 0] = 0.0
+        noise = torch.randn((size, *shape[1:]), generator=self.gen)
         return s_BF[self.rows].to(self.device), noise[self.rows].to(self.device)
 
     def _apply(self, loss: torch.Tensor, opt: distributed.Optimized, term: str) -> float:
