@@ -295,5 +295,7 @@ def test_gan_term_trains_the_head_and_moves_the_student(teacher_dir: Path, tmp_p
     grads = [p.grad for p in trainer.student.dit.parameters() if p.grad is not None]
     assert grads and sum(g.abs().sum() for g in grads) > 0
     assert "gan_head.fc2.weight" in trainer.critic.state_dict()
+    head_group = trainer.critic_opt.param_groups[1]  # the new head learns at its own rate
+    assert head_group["lr"] == trainer.cfg.gan_head_lr and len(head_group["params"]) == 6
     with pytest.raises(ValueError, match="gan_layer=9: the critic has blocks 0-"):
         DistillTrainer(_distill_cfg(teacher_dir, tmp_path / "e", gan_weight=0.1, gan_layer=9))

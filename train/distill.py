@@ -139,6 +139,9 @@ class DistillConfig:
     """dmd with ``gan_weight``: weight of the discriminator loss, added to the critic's flow matching."""
     gan_layer: int = -1
     """dmd with ``gan_weight``: the critic block whose output the head reads (-1: the middle one)."""
+    gan_head_lr: float = 1e-3
+    """dmd with ``gan_weight``: learning rate of the discriminator head (new weights: at the
+    critic's rate it stayed at chance for 40 steps of the toy run)."""
     gan_s_max: float = 0.5
     """dmd with ``gan_weight``: the clips are judged noised to a level drawn uniformly in
     ``[dmd_s_min, gan_s_max]`` (one per clip). DMD's levels lean high (``dmd_shift``), where a real
@@ -344,8 +347,11 @@ class DistillTrainer:
         self.opt = distributed.Optimized(self.student, [{"params": trainable}], lr=cfg.lr, **optimized)
         self.trainables = {"model": self.opt}
         if cfg.method == "dmd":
-            self.critic_opt = distributed.Optimized(self.critic, [{"params": list(self.critic.parameters())}], lr=cfg.critic_lr,
-                                                    **optimized)
+            head = set(self.critic.gan_head.parameters()) if self.gan_layer is not None else set()
+            groups = [{"params": [p for p in self.critic.parameters() if p not in head]}]
+            if head:
+                groups.append({"params": list(self.critic.gan_head.parameters()), "lr": cfg.gan_head_lr})
+            self.critic_opt = distributed.Optimized(self.critic, groups, lr=cfg.critic_lr, **optimized)
             self.trainables["critic"] = self.critic_opt
             if cfg.memory_weight > 0 and self.teacher.conditions(1, 0) is None:
                 raise ValueError("memory_weight > 0 needs ground-truth revisits (the toy world renders them); this teacher "
