@@ -286,6 +286,13 @@ def test_wan_configs_parse_and_tiny_mirrors_the_real_recipe() -> None:
     dmd = load_config(DistillConfig, real / "distill_dmd.yaml", [])
     assert (dmd.wan.height, dmd.wan.width, dmd.wan.horizon_frames) == (480, 832, 21)
     assert (dmd.lr, dmd.critic_lr, dmd.critic_ratio, dmd.teacher_guidance) == (2e-6, 4e-7, 5, 3.0)
+    # the image-to-video 14B configs: the same recipe on videos' first frames
+    i2v = root / "wan2.1-i2v-14b-480p"
+    assert sorted(p.name for p in i2v.glob("*.yaml")) == ["distill_dmd.yaml", "distill_ode.yaml", "ode_pairs.yaml"]
+    for path in i2v.glob("*.yaml"):
+        cfg = load_config(kinds.get(path.name, DistillConfig), path, [])
+        assert cfg.prompts is None and (path.name == "distill_ode.yaml" or cfg.data == "data/clips")
+    assert load_config(DistillConfig, i2v / "distill_dmd.yaml", []).causal == dmd.causal
 
 
 @pytest.mark.distributed
