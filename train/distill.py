@@ -413,21 +413,32 @@ class DistillTrainer:
 
         ``batch`` is this rank's rows of the global batch (all of it in one process). Chunks before
         the window run without a graph: memory does not grow with the rollout length."""
+        return self._rollout(batch, with_grad)[0]
+
+    def _rollout(self, batch: dict, with_grad: bool) -> tuple[torch.Tensor, ImageInputs | None]:
+        """``rollout``, and for a Wan2.1 I2V student the image inputs its stream read for the
+        window (condition channels of the window's frames, CLIP tokens): what the teacher and
+        critic score the window with -- the student shares their frozen VAE and CLIP."""
         cfg = self.cfg
+        if self.student.dit.cfg.image_dim is not None and batch["frames"] is None:
+            raise ValueError("an image-to-video teacher (Wan2.1 I2V) scores rollouts from first frames: set data= "
+                             "(videos or shards) so that every rollout starts from an image")
         stream = StreamGenerator(self.student, FewStepSampler(cfg.sigmas), causal=cfg.causal, batch_size=len(batch["prompt"]),
                                  global_batch=(cfg.batch_size, self.rows))
         stream.reset(batch["prompt"], None if batch["frames"] is None else batch["frames"][:, 0], self.gen)
         F = cfg.causal.chunk_frames
         window_start = self.rollout_frames - self.teacher.horizon_frames
         actions = batch["actions"]
-        chunks = []
+        chunks, conditions = [], []
         for c in range(self.rollout_frames // F):
             exit_step = int(torch.randint(0, len(cfg.sigmas), (1,), generator=self.gen))
             with torch.set_grad_enabled(with_grad and c * F >= window_start):
                 x0 = stream.next_chunk(None if actions is None else actions[:, c * F : (c + 1) * F], exit_step=exit_step)
             if c * F >= window_start:
                 chunks.append(x0)
-        return torch.cat(chunks, 2)
+                conditions.append(stream.last_condition)
+        image = None if stream.image is None else (torch.cat(conditions, 2), stream.image.context_BLiD)
+        return torch.cat(chunks, 2), image
 
     def _dmd_step(self) -> dict[str, float]:
         cfg = self.cfg
@@ -437,13 +448,12 @@ class DistillTrainer:
             batch["actions"] = self._dmd_batch_actions(batch)
         else:
             batch["actions"] = None
-        image = self._window_image(batch, self.rollout_frames - self.teacher.horizon_frames)
-        # image-to-video: frame 0 given, held clean (Wan2.1 I2V instead denoises it, reading image inputs)
-        first_given = batch["frames"] is not None and image is None
         B = len(batch["prompt"])
         train_student = self.step % cfg.critic_ratio == 0
         with cfg.runtime.autocast():
-            x0 = self.rollout(batch, with_grad=train_student)
+            x0, image = self._rollout(batch, with_grad=train_student)
+        # image-to-video: frame 0 given, held clean (Wan2.1 I2V instead denoises it, reading image inputs)
+        first_given = batch["frames"] is not None and image is None
         num_f = x0.shape[2]
         window_actions = acts = None if batch["actions"] is None else batch["actions"][:, -num_f:]
         anchor = self._stream_anchor(batch, self.rollout_frames - num_f)
@@ -563,21 +573,6 @@ class DistillTrainer:
         frames = np.stack([ToyWorld(world, seed, prompt).render(a.numpy(), T)[T - num_f :]
                            for seed, prompt, a in zip(batch["seed"], batch["prompt"], actions)])
         return self.teacher.codec.encode(torch.from_numpy(frames)).float()
-
-    def _window_image(self, batch: dict, window_start: int) -> ImageInputs | None:
-        """A Wan2.1 I2V teacher's image inputs for the scored window of the rollouts: the stream's
-        condition channels of the window's frames (the image's own latent frame when the window
-        starts the stream; later, the frames that continue it) and the image's CLIP tokens --
-        what the student read while making those frames. None for other teachers."""
-        if self.teacher.dit.cfg.image_dim is None:
-            return None
-        if batch["frames"] is None:
-            raise ValueError("an image-to-video teacher (Wan2.1 I2V) scores rollouts from first frames: set data= "
-                             "(videos or shards) so that every rollout starts from an image")
-        stream = self.teacher.image_stream(batch["frames"][:, 0])
-        if window_start:
-            stream.next(window_start)
-        return stream.next(self.teacher.horizon_frames), stream.context_BLiD
 
     def _stream_anchor(self, batch: dict, window_start: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The stream's first frame as the anchor of a window starting at ``window_start``

@@ -38,8 +38,8 @@ import torch
 
 from streamkd.cache.kv_cache import with_chunk
 from streamkd.cache.memory import (
-    MemoryConfig, MemoryPlanner, MemoryView, Packed, wrap_near, attended, coarsen_all, compress_frames,
-    piece_positions,
+    MemoryConfig, MemoryPlanner, MemoryView, Packed, attended, coarsen_all, compress_frames, piece_positions,
+    wrap_near,
 )
 
 

@@ -102,6 +102,9 @@ class StreamGenerator:
         self.context = None
         self.first_latent = None
         self.image = None  # Wan2.1 image-to-video: the stream's image inputs (ImageStream)
+        self.last_condition: torch.Tensor | None = None
+        """Image-to-video: the condition channels the last chunk read (the trainer scores the
+        rollout's window with them); None for other models."""
         self.generator: torch.Generator | list[torch.Generator] | None = None
 
     # ------------------------------------------------------------------------------ session state
@@ -120,7 +123,7 @@ class StreamGenerator:
         self.chunk_index = 0
         self.generator = generator
         self.set_prompts(prompts)
-        self.first_latent = self.image = None
+        self.first_latent = self.image = self.last_condition = None
         if self.model.dit.cfg.image_dim is not None:
             # Wan2.1 image-to-video: the image conditions every chunk (condition channels + CLIP
             # tokens, as its pipeline builds them); frame 0 is denoised, not held
@@ -189,7 +192,7 @@ class StreamGenerator:
             raise ValueError(f"exit_step must be in [0, {self.sampler.num_steps}), got {exit_step}")
         want_grad = torch.is_grad_enabled()
         actions = self._actions(actions_BF)
-        condition = self._condition()
+        condition = self.last_condition = self._condition()
         fixed = self.first_latent is not None and self.chunk_index == 0  # frame 0 is given
         x = self._noise()
         t_BF = torch.empty(self.rows, F, device=self.device)
