@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from streamkd.cache.kv_cache import KVCache, KVCacheSnapshot
-from streamkd.cache.memory import MemoryConfig, coarsen, compress_frame
+from streamkd.cache.memory import MemoryConfig
 from streamkd.cache.paged import PagedKVCache, PagedSnapshot, PagePool
 from streamkd.data.toyworld import ACTION_DELTAS, ACTIONS, ToyWorld, parse_prompt
 from streamkd.generate import first_frame_for
@@ -270,7 +270,8 @@ class ModelBackend:
         if not isinstance(cache, PagedKVCache):
             return None
         row = cache._rows[0]
-        return {"tier_bytes": cache.tier_bytes(), "bank_frames": len(row.bank), "compressed_frames": len(row.compressed),
+        return {"tier_bytes": cache.tier_bytes(), "bank_frames": len(row.bank) + len(row.bank_packed),
+                "compressed_frames": len(row.compressed),
                 "retrieved_last_chunk": row.retrieved_last, "retrieved_total": row.retrieved_total,
                 "pool_pages_in_use": cache.pool.in_use, "pool_pages": cache.pool.capacity,
                 "batch_copied_bytes": self.copied_bytes, "recached_memory_frames": self.recached_memory_frames}
@@ -362,36 +363,31 @@ class ModelBackend:
         (re-written) sinks, with its own camera offset -- the position retrieved entries are read at
         (just behind the sinks' block) and the one context every frame of the stream shares. The
         context the frame was first written with (the window of its time) is gone, as it is for
-        the window's own evicted history. Bank frames get new full-resolution pages; compressed
-        frames are pooled and quantized again from the new keys and values, at their level."""
+        the window's own evicted history. The cache's tiers take what they keep from the new pages
+        (``PagedKVCache.replace_memory``: the page, or its tokens pooled again at the frame's level)."""
         held = _memory_frames(target)
         if not held:
             return
-        gen, memory = stream.gen, target.memory
+        gen = stream.gen
         missing = held - stream.visible.memory.keys()
         assert not missing, f"latents of memory frames {sorted(missing)} were not kept"
         scratch = self._scratch_cache(gen, target)
         sinks = stream.visible.sinks
         self._write_frames(scratch, sinks, self._cameras(target, [f for f, _, _ in sinks]), gen)
         base = scratch.snapshot()
-        levels = [dict(r.planner.compressed) if r.planner is not None else {} for r in target._rows]
-        bank = [{} for _ in target._rows]
-        packed = [{} for _ in target._rows]
+        pages = [{} for _ in target._rows]
         for f in sorted(held):
             latent, action = stream.visible.memory[f]
             self._write_frames(scratch, [(f, latent, action)], self._cameras(target, [f]), gen)
             for b, (mine, theirs) in enumerate(zip(target._rows, scratch._rows)):
-                page = theirs.window[-1][1] if theirs.window else theirs.sinks[-1]
-                if f in mine.bank:
+                if f in mine.memory_frames():
+                    page = theirs.window[-1][1] if theirs.window else theirs.sinks[-1]
                     self.pool.incref(page)  # handed to target by replace_memory
-                    bank[b][f] = page
-                if f in mine.compressed:
-                    new = compress_frame(self.pool.k[:, page], self.pool.v[:, page], memory, target.grid)
-                    packed[b][f] = coarsen(new, memory, target.grid, target.dtype) if levels[b][f] == 2 else new
+                    pages[b][f] = page
             scratch.restore(base)
         base.release()
         scratch.reset()
-        target.replace_memory(bank, packed)
+        target.replace_memory(pages)
         self.recached_memory_frames += len(held)
 
 
@@ -399,7 +395,7 @@ def _memory_frames(cache: KVCache) -> set[int]:
     """Frames any row's bank or compressed tier holds (none for caches without memory)."""
     if not isinstance(cache, PagedKVCache):
         return set()
-    return {f for r in cache._rows for f in (*r.bank, *r.compressed)}
+    return {f for r in cache._rows for f in r.memory_frames()}
 
 
 @dataclass

@@ -102,9 +102,11 @@ DEFAULT_MEMORIES: dict[str, MemoryConfig | None] = {
     "bank": MemoryConfig(bank_frames=16, retrieve_frames=3),
     "both": MemoryConfig(compressed_frames=12, fine_frames=6, bank_frames=16, retrieve_frames=3),
     "bank rendered": MemoryConfig(bank_frames=16, retrieve_frames=3, render=True),
+    "pooled bank rendered": MemoryConfig(bank_frames=16, retrieve_frames=3, render=True, bank_level=1),
 }
 """Memory variants of ``bench_memory``: none (the contiguous sinks + window cache), each tier alone,
-both, and the bank rendered into the anchor (for models with anchor channels)."""
+both, and the bank rendered into the anchor (for models with anchor channels), its entries at full
+resolution or pooled (``bank_level`` 1)."""
 
 
 def _cache_figures(cache) -> dict:
@@ -277,7 +279,7 @@ def bench_memory_markdown(result: dict) -> str:
     memories = "; ".join(
         f"{name}: " + ("sinks + window only (contiguous cache)" if v["memory"] is None else ", ".join(
             f"{k}={v['memory'][k]}" for k in ("compressed_frames", "fine_frames", "bank_frames", "retrieve_frames",
-                                              "render")
+                                              "bank_level", "render")
             if v["memory"].get(k)))
         for name, v in result["variants"].items())
     out += ["", f"Variants: {memories}. MB = 10^6 bytes; {result['threads']} torch threads.", "",

@@ -32,6 +32,7 @@ COMPRESSED = MemoryConfig(compressed_frames=4, fine_frames=2)
 BANK = MemoryConfig(bank_frames=3, retrieve_frames=2, admit_coverage=0.1, wrap_tokens=8)
 BOTH = MemoryConfig(compressed_frames=4, fine_frames=2, bank_frames=3, retrieve_frames=2, admit_coverage=0.1, wrap_tokens=8)
 RENDERED = replace(BANK, render=True)
+POOLED = replace(RENDERED, bank_level=1)  # bank entries pooled 2x2 + int8, drawn from full-resolution latents
 
 
 def _dit(shifts, anchor_warp: bool = False) -> DiT:
@@ -62,9 +63,10 @@ def _walk(frames: int, B: int, gen: torch.Generator) -> torch.Tensor:
 @pytest.mark.parametrize(
     "shifts, memory",
     [(None, COMPRESSED), (None, replace(COMPRESSED, quantize="none")), (TOY_SHIFTS, COMPRESSED),
-     (TOY_SHIFTS, BANK), (TOY_SHIFTS, BOTH), (TOY_SHIFTS, RENDERED)],
+     (TOY_SHIFTS, BANK), (TOY_SHIFTS, BOTH), (TOY_SHIFTS, RENDERED), (TOY_SHIFTS, POOLED),
+     (TOY_SHIFTS, replace(BOTH, bank_level=2))],
     ids=["plain-compressed-int8", "plain-compressed-float", "camera-compressed", "camera-bank", "camera-both",
-         "camera-bank-rendered"],
+         "camera-bank-rendered", "camera-bank-pooled-rendered", "camera-both-bank-level2"],
 )
 def test_streaming_with_memory_equals_full_sequence_replay(shifts, memory: MemoryConfig) -> None:
     dit = _dit(shifts, anchor_warp=memory.render)
@@ -90,6 +92,13 @@ def test_streaming_with_memory_equals_full_sequence_replay(shifts, memory: Memor
     assert (tiers["bank"] > 0) == bool(memory.bank_frames)
     if memory.bank_frames:
         assert cache.stats["retrieved"] > 0
+    if memory.bank_level:  # entries hold pooled tokens (and the latent when rendering), no page
+        costs = memory_bytes_per_frame(num_layers=2, tokens_per_frame=16, channels=24, cfg=memory, page_bytes_per_value=4)
+        latent = 4 * H * W * 4 if memory.render else 0
+        entries = [len(r.bank_packed) for r in cache._rows]
+        assert not any(r.bank for r in cache._rows) and min(entries) >= 2
+        assert tiers["bank"] == sum(entries) * (costs["bank_entry"] + latent)
+        assert costs["bank_entry"] * 3 < costs["window_or_bank_frame"]
     if memory.render:  # the rendering is read too: the same bank without it gives other frames
         with torch.no_grad():
             unrendered = dit(x, t, ctx, actions, layout=CausalLayout(chunk, sinks, window, memory=replace(memory, render=False)))
@@ -322,6 +331,8 @@ def test_tier_bytes_follow_the_cost_model() -> None:
         ({"render": True}, "memory.render draws the retrieved bank entries into the anchor: it needs a bank"),
         ({"render": True, "bank_frames": 4, "retrieve_frames": 2, "retrieval": "similarity"},
          "it needs camera retrieval"),
+        ({"bank_level": 3, "bank_frames": 4, "retrieve_frames": 2}, "bank_level must be 0 (full resolution), 1 or 2"),
+        ({"bank_level": 1}, "bank_level=1 compresses bank entries, but there is no bank"),
     ],
 )
 def test_bad_memory_configs_name_the_field(fields: dict, message: str) -> None:
@@ -336,6 +347,8 @@ def test_memory_that_cannot_fit_the_model_is_refused() -> None:
         dit.new_cache(**kw, memory=MemoryConfig(compressed_frames=4, pool=3))
     with pytest.raises(ValueError, match="below a chunk"):
         dit.new_cache(**kw, memory=MemoryConfig(compressed_frames=1))
+    with pytest.raises(ValueError, match="pool=3 .1 level.s.: cells of 3x3 tokens. does not divide"):
+        dit.new_cache(**kw, memory=MemoryConfig(bank_frames=2, retrieve_frames=1, bank_level=1, pool=3))
     with pytest.raises(ValueError, match="retrieval='camera' needs a model with camera actions"):
         _dit(None).new_cache(**kw, memory=MemoryConfig(bank_frames=2, retrieve_frames=1, retrieval="camera"))
     with pytest.raises(ValueError, match="this model has none .dit.anchor_warp: false.; set memory.render: false"):

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from streamkd.data.toyworld import ToyWorld, ToyWorldConfig
 from streamkd.eval.revisit import (
-    GAPS, KINDS, evaluate_revisits, gap_buckets, object_mask, other_place_frames, revisit_actions, score_trajectory,
+    GAPS, KINDS, evaluate_revisits, gap_buckets, history_held, object_mask, other_place_frames, revisit_actions,
+    score_trajectory,
 )
 from streamkd.bundle import CausalConfig
+from streamkd.cache.memory import MemoryConfig
 from tests.test_serve_batching import tiny_causal_model
 
 WORLD = ToyWorldConfig()
@@ -98,6 +101,8 @@ def test_runner_gives_every_row_on_a_tiny_model() -> None:
             assert result[row][protocol]["returning"]["2"]["pixels"] > 0, (row, protocol)
     assert result["ceiling"]["generated"]["returning"]["2"]["psnr"] == 100.0
     assert result["trajectories"][0]["gap"] == 2 and result["span_frames"] == 9
+    first, last = result["history_held"]["2"]  # window only: 9 frames of a history that grows
+    assert 0 < last < first <= 1
 
 
 def test_bad_input_is_refused_by_name() -> None:
@@ -116,3 +121,36 @@ def test_bad_input_is_refused_by_name() -> None:
     model.cfg.causal = None
     with pytest.raises(ValueError, match="no causal config"):
         evaluate_revisits(model, episodes=1, first_index=0, gaps=(2,))
+
+
+@pytest.mark.parametrize("memory", [MemoryConfig(), MemoryConfig(compressed_frames=4, fine_frames=2, bank_frames=4, retrieve_frames=2,
+                                                                  admit_coverage=0.1, render=True, bank_level=1)],
+                         ids=["window", "both-tiers-pooled-rendered-bank"])
+def test_history_held_is_what_the_streaming_cache_holds(memory: MemoryConfig) -> None:
+    """The eval's "history bytes held" replays the planner from the trajectory's cameras; it must
+    be what a cache streaming that trajectory holds (its tier bytes, latents included) when the
+    way back starts, over that many full-resolution pages."""
+    causal = CausalConfig(3, 3, 6, memory=memory)
+    model = tiny_causal_model(causal, guidance=1.0, anchor_warp=memory.render)
+    dit, world = model.dit, model.cfg.world
+    traj = revisit_actions("out_and_back", 8, SPAN, CHUNK, world, np.random.default_rng(3))
+    want = history_held(model, causal, traj, bytes_per_value=4)  # fp32 pages here
+    lh, lw = model.latent_hw
+    cache = dit.new_cache(batch_size=1, height=lh, width=lw, sink_frames=3, window_frames=6, chunk_frames=3, memory=memory)
+    actions = torch.from_numpy(traj.actions[None])
+    gen = torch.Generator().manual_seed(0)
+    ctx = model.encode_prompts([PROMPT])
+    with torch.no_grad():
+        for q0 in range(0, want["frames"], CHUNK):
+            x = torch.randn(1, dit.cfg.in_channels, CHUNK, lh, lw, generator=gen)
+            cache.write_latents(x)
+            dit(x, torch.zeros(1, CHUNK), ctx, actions[:, q0 : q0 + CHUNK], cache=cache, write_cache=True, output=False)
+    assert want["frames"] > 30 and len(cache._rows[0].cameras) == want["frames"]
+    assert want["held_bytes"] == sum(cache.tier_bytes().values())
+    page = 2 * cache.pool.k[:, 0].nbytes
+    assert want["history_bytes"] == want["frames"] * page
+    if memory.enabled:
+        assert want["bank_entries"] == len(cache._rows[0].bank_packed) >= 2
+        assert want["compressed_frames"] == len(cache._rows[0].compressed) == 4
+    else:
+        assert want["share"] == pytest.approx(9 / want["frames"])

@@ -91,10 +91,12 @@ def _batched_equals_alone(backend: ModelBackend, model: WorldModel, joins: list[
 
 MEMORY = MemoryConfig(compressed_frames=4, fine_frames=2, bank_frames=4, retrieve_frames=2, admit_coverage=0.1)
 RENDERED = replace(MEMORY, render=True)
+POOLED = replace(MEMORY, bank_level=1)
 
 
-@pytest.mark.parametrize("guidance, memory", [(1.0, MEMORY), (2.0, MEMORY), (2.0, RENDERED)],
-                         ids=["plain", "cfg", "cfg-rendered"])
+@pytest.mark.parametrize("guidance, memory", [(1.0, MEMORY), (2.0, MEMORY), (2.0, RENDERED),
+                                              (2.0, replace(RENDERED, bank_level=1))],
+                         ids=["plain", "cfg", "cfg-rendered", "cfg-rendered-pooled-bank"])
 def test_memory_sessions_batch_by_page_tables(guidance: float, memory: MemoryConfig) -> None:
     """A memory checkpoint: sessions at different points of their streams (different retrieved
     sets and tier sizes, each rendering its own) batch into one forward by their page tables,
@@ -111,13 +113,14 @@ def test_memory_sessions_batch_by_page_tables(guidance: float, memory: MemoryCon
     assert backend.pool.in_use == 0
 
 
-def test_memory_recache_rewrites_recent_keys_and_memory_tiers() -> None:
+@pytest.mark.parametrize("memory", [MEMORY, POOLED], ids=["bank-pages", "bank-pooled"])
+def test_memory_recache_rewrites_recent_keys_and_memory_tiers(memory: MemoryConfig) -> None:
     """The prompt re-cache of a memory checkpoint re-writes sinks + window (same prompt, nothing
     evicted: the same keys) and every frame the bank and the compressed tier hold: each is
     written again under the new prompt as a one-frame chunk after the re-written sinks, at its
-    own camera offset (the rule of ``ModelBackend._recache_memory``); tiers keep their frames,
-    and no page leaks."""
-    model = tiny_causal_model(CausalConfig(2, 1, 4, memory=MEMORY), guidance=2.0)
+    own camera offset (the rule of ``ModelBackend._recache_memory``); tiers keep their frames
+    (a pooled bank its level), and no page leaks."""
+    model = tiny_causal_model(CausalConfig(2, 1, 4, memory=memory), guidance=2.0)
     backend = ModelBackend(model)
     stream = backend.start(_spec(0, model.cfg.world))
     for c in range(2):  # 4 frames: nothing evicted yet
@@ -130,7 +133,8 @@ def test_memory_recache_rewrites_recent_keys_and_memory_tiers() -> None:
     for c in range(2, 10):
         backend.step([stream], [_actions(3, c)])
     rows = cache._rows
-    bank, compressed = [dict(r.bank) for r in rows], [dict(r.compressed) for r in rows]
+    bank = [dict(r.bank_packed if memory.bank_level else r.bank) for r in rows]
+    compressed = [dict(r.compressed) for r in rows]
     assert bank[0] and compressed[0] and set(stream.visible.memory) == set(bank[0]) | set(compressed[0])
     k_before, in_use = cache.pool.k[:, pages()].clone(), cache.pool.in_use
     backend.switch_prompt(stream, PROMPTS[1])
@@ -150,17 +154,24 @@ def test_memory_recache_rewrites_recent_keys_and_memory_tiers() -> None:
             dit(latent[None].repeat(2, 1, 1, 1, 1), torch.zeros(2, 1), gen.context, a, cache=ref, write_cache=True, output=False)
         for b in range(2):
             page = ref._rows[b].window[-1][1]
-            if f in bank[b]:
+            if f in bank[b] and not memory.bank_level:
                 assert rows[b].bank[f] != bank[b][f]  # a new page
                 torch.testing.assert_close(cache.pool.k[:, rows[b].bank[f]], cache.pool.k[:, page], atol=1e-6, rtol=0)
-            if f in compressed[b]:
-                want = compress_frame(cache.pool.k[:, page], cache.pool.v[:, page], MEMORY, cache.grid)
-                if dict(rows[b].planner.compressed)[f] == 2:
-                    want = coarsen(want, MEMORY, cache.grid, cache.dtype)
-                got, old = rows[b].compressed[f].unpack(torch.float32), compressed[b][f].unpack(torch.float32)
+            pooled = [(rows[b].compressed, compressed[b], dict(rows[b].planner.compressed).get(f))]
+            if memory.bank_level:
+                pooled.append((rows[b].bank_packed, bank[b], memory.bank_level))
+            for tier, before, level in pooled:
+                if f not in before:
+                    continue
+                want = compress_frame(cache.pool.k[:, page], cache.pool.v[:, page], memory, cache.grid)
+                if level == 2:
+                    want = coarsen(want, memory, cache.grid, cache.dtype)
+                got, old = tier[f].unpack(torch.float32), before[f].unpack(torch.float32)
                 for x, y, z in zip(got, want.unpack(torch.float32), old):
                     torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
-                    assert x.shape == z.shape and not torch.equal(x, z)  # the same level, new tokens
+                    assert x.shape == z.shape  # the same level
+                    # new tokens (row 1 is guidance's unconditional row: no prompt to change)
+                    assert b == 1 or not torch.equal(x, z)
         ref.reset()
     frames = backend.step([stream], [1])[0]
     assert frames.shape == (2, 32, 32, 3)

@@ -26,6 +26,7 @@ Cost model (bytes of history kept per stream, ``n = heads x head_dim`` channels,
     window / bank frame:     N x T x n x 2 (k, v) x 2 bytes
     compressed level 1:      N x (T / pool^2) x n x 2 x 1 byte  +  N x (n + T / pool^2) x 2 (fp16 scales)
     compressed level 2:      N x (T / pool^4) x n x 2 x 1 byte  +  N x (n + T / pool^4) x 2
+    bank entry:              a window frame (bank_level 0) or a compressed frame of its level
 so at pool 2 a level-1 frame costs 1/8 of an fp16 frame plus scales, and a bounded tier of
 ``compressed_frames`` frames costs at most ``compressed_frames`` level-1 frames whatever the stream
 length. ``memory_bytes_per_frame`` computes these figures for any model shape.
@@ -53,8 +54,14 @@ the camera, and a mask of where it is known). With ``render`` the chunk's retrie
 drawn into that map as well: per frame of the chunk, each entry's clean latent, moved by the
 camera difference (torus-wrapped like its keys), over the first frame where it sees the place,
 oldest first so the newest view of a place wins. The same entries are attended to as before; a
-page then also holds its frame's clean latent (``C x h x w`` values: 1/200 of the frame's keys
-and values at the toy size, ~1/1400 at Wan2.1-1.3B's), so snapshots and branches share it.
+page then also holds its frame's clean latent (``C x h x w`` values: 1/16 of the frame's keys
+and values at the toy size -- a narrow 6-layer model --, ~1/1440 at Wan2.1-1.3B's), so snapshots
+and branches share it.
+
+**Pooled bank** (``bank_level`` 1 or 2): an admitted frame's keys and values are pooled and
+quantized exactly like the compressed tier's level 1 (or 2) and its pages given back; retrieved
+entries are read at the pooled centroids. With ``render`` the entry keeps its full-resolution
+clean latent beside the pooled tokens: the map keeps every detail, attention reads a coarse copy.
 
 Memory is a deterministic function of the history: the planner below decides from frame indices
 and cameras only (host integers), so a full-sequence forward can replay it (tests).
@@ -102,6 +109,13 @@ class MemoryConfig:
     key cosine (text-to-video); auto: camera when the model has camera actions."""
     wrap_tokens: int = 0
     """World period in tokens on a torus world (the toy world: map size / token size); 0: open."""
+    bank_level: int = 0
+    """How bank entries keep their keys and values. 0: the frame's own full-resolution pages; 1 or
+    2: pooled (and quantized per ``quantize``) like the compressed tier's level 1 or 2 when the
+    frame is admitted, its pages given back -- ``pool**(2*level)`` times fewer tokens per entry,
+    read at the pooled centroids. Rendered memory still draws the entry's full-resolution clean
+    latent (kept beside the pooled tokens), so the map keeps its detail while attention reads a
+    coarse copy."""
     render: bool = False
     """Also render the retrieved bank entries into the chunk's anchor channels (models with
     ``dit.anchor_warp``): where an entry saw the place a frame looks at, its clean latent, moved
@@ -130,6 +144,12 @@ class MemoryConfig:
             raise ValueError(f"memory.quantize must be 'int8' or 'none', got {self.quantize!r}")
         if self.retrieval not in ("auto", "camera", "similarity"):
             raise ValueError(f"memory.retrieval must be 'auto', 'camera' or 'similarity', got {self.retrieval!r}")
+        if self.bank_level not in (0, 1, 2):
+            raise ValueError(f"memory.bank_level must be 0 (full resolution), 1 or 2 (pooled once or twice), "
+                             f"got {self.bank_level}")
+        if self.bank_level and not self.bank_frames:
+            raise ValueError(f"memory.bank_level={self.bank_level} compresses bank entries, but there is no bank "
+                             "(memory.bank_frames = 0); set bank_frames or bank_level 0")
         if self.render and not self.bank_frames:
             raise ValueError("memory.render draws the retrieved bank entries into the anchor: it needs a bank "
                              "(memory.bank_frames >= 2, retrieve_frames >= 1)")
@@ -143,15 +163,18 @@ class MemoryConfig:
 
     def check(self, grid_h: int, grid_w: int, chunk_frames: int) -> None:
         """Raise when this memory cannot work with a model's token grid and chunking."""
+        levels = 0
         if self.compressed_frames:
             levels = 2 if self.fine_frames < self.compressed_frames else 1
-            cell = self.pool**levels
-            if grid_h % cell or grid_w % cell:
-                raise ValueError(f"memory.pool={self.pool} ({levels} level(s): cells of {cell}x{cell} tokens) does "
-                                 f"not divide the latent token grid {grid_h}x{grid_w}; choose a pool that divides it")
-            if self.compressed_frames < chunk_frames:
-                raise ValueError(f"memory.compressed_frames ({self.compressed_frames}) is below a chunk "
-                                 f"({chunk_frames} frames leave the window together); raise it or set 0")
+        if self.bank_frames:
+            levels = max(levels, self.bank_level)
+        cell = self.pool**levels
+        if grid_h % cell or grid_w % cell:
+            raise ValueError(f"memory.pool={self.pool} ({levels} level(s): cells of {cell}x{cell} tokens) does "
+                             f"not divide the latent token grid {grid_h}x{grid_w}; choose a pool that divides it")
+        if self.compressed_frames and self.compressed_frames < chunk_frames:
+            raise ValueError(f"memory.compressed_frames ({self.compressed_frames}) is below a chunk "
+                             f"({chunk_frames} frames leave the window together); raise it or set 0")
         if self.bank_frames and self.bank_frames < 2:
             raise ValueError("memory.bank_frames must be >= 2 (the first entry is pinned) or 0")
 
@@ -390,15 +413,16 @@ class MemoryPlanner:
 
 
 def attended(sinks: list[int], window: list[int], view: MemoryView, cameras: list[tuple[int, int]],
-             near: tuple[int, int], wrap: int) -> list[tuple[int, int, tuple[int, int], int]]:
+             near: tuple[int, int], wrap: int, bank_level: int = 0) -> list[tuple[int, int, tuple[int, int], int]]:
     """What a chunk attends to, in token order ``[sinks | retrieved | compressed | window]``:
-    ``(frame, temporal position, camera, level)`` (level 0: full resolution). Sinks and window
-    keep the positions of the cache without memory; memory frames share the last sink's; their
-    cameras are moved by whole torus periods next to ``near`` (the chunk's first camera)."""
+    ``(frame, temporal position, camera, level)`` (level 0: full resolution; retrieved entries at
+    ``bank_level``). Sinks and window keep the positions of the cache without memory; memory
+    frames share the last sink's; their cameras are moved by whole torus periods next to ``near``
+    (the chunk's first camera)."""
     ns = len(sinks)
     mem_t = max(ns - 1, 0)
     out = [(f, i, cameras[f], 0) for i, f in enumerate(sinks)]
-    out += [(f, mem_t, wrap_near(cameras[f], near, wrap), 0) for f in view.retrieved]
+    out += [(f, mem_t, wrap_near(cameras[f], near, wrap), bank_level) for f in view.retrieved]
     out += [(f, mem_t, wrap_near(cameras[f], near, wrap), lvl) for f, lvl in view.compressed]
     out += [(f, ns + j, cameras[f], 0) for j, f in enumerate(window)]
     return out
@@ -443,7 +467,7 @@ def replay(memory: MemoryConfig, *, sink_frames: int, window_frames: int, chunk_
             q1 = min(q0 + chunk_frames, num_frames)
             sinks = list(range(min(sink_frames, q0)))
             view = planner.view(cams[q0:q1]) if planner is not None else MemoryView()
-            per_chunk.append((attended(sinks, list(window), view, cams, cams[q0], memory.wrap_tokens),
+            per_chunk.append((attended(sinks, list(window), view, cams, cams[q0], memory.wrap_tokens, memory.bank_level),
                               len(sinks) + len(window), view.retrieved))
             for f in range(q0, q1):
                 if f >= sink_frames:
@@ -572,4 +596,5 @@ def memory_bytes_per_frame(*, num_layers: int, tokens_per_frame: int, channels: 
             out[f"compressed_level{level}"] = num_layers * (t * channels * 2 + (channels + t) * 2)
         else:
             out[f"compressed_level{level}"] = num_layers * t * channels * 2 * page_bytes_per_value
+    out["bank_entry"] = out[f"compressed_level{cfg.bank_level}"] if cfg.bank_level else float(full)
     return out

@@ -100,7 +100,8 @@ class PagePool:
 
     @property
     def page_bytes(self) -> int:
-        return 2 * self.k[:, 0].nbytes
+        """Keys and values of one page, plus its clean latent when pages keep them."""
+        return 2 * self.k[:, 0].nbytes + (0 if self.latent is None else self.latent[0].nbytes)
 
 
 @dataclass
@@ -110,7 +111,9 @@ class _Row:
     planner: MemoryPlanner | None
     sinks: list[int] = field(default_factory=list)
     window: list[tuple[int, int]] = field(default_factory=list)  # (frame, page), oldest first
-    bank: dict[int, int] = field(default_factory=dict)  # frame -> page
+    bank: dict[int, int] = field(default_factory=dict)  # frame -> page (memory.bank_level 0)
+    bank_packed: dict[int, Packed] = field(default_factory=dict)  # frame -> pooled tokens (bank_level 1, 2)
+    bank_latent: dict[int, torch.Tensor] = field(default_factory=dict)  # frame -> clean latent (pooled + render)
     compressed: dict[int, Packed] = field(default_factory=dict)
     cameras: list[tuple[int, int]] = field(default_factory=list)  # per frame
     retrieved_last: int = 0  # bank entries the last chunk read
@@ -119,9 +122,14 @@ class _Row:
     def pages(self) -> list[int]:
         return self.sinks + [p for _, p in self.window] + list(self.bank.values())
 
+    def memory_frames(self) -> set[int]:
+        """Frames past the window that a memory tier still holds."""
+        return {*self.bank, *self.bank_packed, *self.compressed}
+
     def copy(self) -> _Row:
         return _Row(None if self.planner is None else self.planner.clone(), list(self.sinks), list(self.window),
-                    dict(self.bank), dict(self.compressed), list(self.cameras), self.retrieved_last, self.retrieved_total)
+                    dict(self.bank), dict(self.bank_packed), dict(self.bank_latent), dict(self.compressed),
+                    list(self.cameras), self.retrieved_last, self.retrieved_total)
 
 
 @dataclass(frozen=True)
@@ -273,7 +281,8 @@ class PagedKVCache:
     def _layout(self, camera_BF2: torch.Tensor | None) -> list[list[tuple]]:
         """Per row, the attended pieces in token order ``[sinks | retrieved | compressed | window]``
         (``streamkd.cache.memory.attended``): ``(kind, ref, t_pos, camera, level)`` with kind
-        ``page`` (ref: page id) or ``packed`` (ref: frame of the compressed tier)."""
+        ``page`` (ref: page id) or ``packed`` (ref: the pooled tokens -- a compressed-tier frame or
+        a pooled bank entry)."""
         pieces = self.derived.get("pieces")
         if pieces is not None:
             return pieces
@@ -284,12 +293,14 @@ class PagedKVCache:
             near = tuple(near_all[b]) if near_all is not None else (0, 0)
             page_of = {f: p for f, p in enumerate(r.sinks)} | dict(r.window) | r.bank
             order = attended(list(range(len(r.sinks))), [f for f, _ in r.window], view, r.cameras, near,
-                             self.memory.wrap_tokens)
+                             self.memory.wrap_tokens, self.memory.bank_level)
+            bank_end = len(r.sinks) + len(view.retrieved)  # order: sinks, retrieved, compressed, window
             if self.hide_window:  # training's history drop: the oldest window frames are not read
                 hidden = {f for f, _ in r.window[: self.hide_window]}
                 order = [piece for piece in order if not (piece[3] == 0 and piece[0] in hidden and piece[0] not in view.retrieved)]
-            pieces.append([("page", page_of[f], t, cam, 0) if level == 0 else ("packed", f, t, cam, level)
-                           for f, t, cam, level in order])
+            pieces.append([("page", page_of[f], t, cam, 0) if level == 0 else
+                           ("packed", r.bank_packed[f] if i < bank_end else r.compressed[f], t, cam, level)
+                           for i, (f, t, cam, level) in enumerate(order)])
         self.derived["pieces"] = pieces
         return pieces
 
@@ -351,7 +362,7 @@ class PagedKVCache:
             if level == 0:
                 plan.append((0, torch.tensor(refs, dtype=torch.long, device=dev), dest_t))
             else:  # the level's frames stacked once for every layer: (frames, layers, tokens, H, D)
-                packed = [self._rows[b].compressed[f] for f in refs]
+                packed = refs
                 plan.append((level, Packed(*(None if getattr(packed[0], name) is None else
                                              torch.stack([getattr(p, name) for p in packed])
                                              for name in ("k", "v", "k_scale", "v_scale"))), dest_t))
@@ -426,7 +437,8 @@ class PagedKVCache:
             return [[] for _ in self._rows]
         views = self._views(camera_BF2)
         near_all = camera_BF2[:, 0].tolist()
-        return [[(self.pool.latent[r.bank[f]], wrap_near(r.cameras[f], tuple(near_all[b]), self.memory.wrap_tokens))
+        return [[(r.bank_latent[f] if self.memory.bank_level else self.pool.latent[r.bank[f]],
+                  wrap_near(r.cameras[f], tuple(near_all[b]), self.memory.wrap_tokens))
                  for f in view.retrieved]
                 for b, (r, view) in enumerate(zip(self._rows, views))]
 
@@ -480,12 +492,15 @@ class PagedKVCache:
         # both read pages that "release" below gives back
         compress = [tr.frame for tr in transitions if tr.kind == "compress"]
         if compress:
-            pages = torch.tensor([leaving[f] for f in compress], dtype=torch.long, device=self.device)
-            k_FNTHD, v_FNTHD = self.pool.k[:, pages].transpose(0, 1), self.pool.v[:, pages].transpose(0, 1)
-            r.compressed.update(zip(compress, compress_frames(k_FNTHD, v_FNTHD, self.memory, self.grid)))
+            r.compressed.update(zip(compress, self._pool_pages([leaving[f] for f in compress], 1)))
         coarse = [tr.frame for tr in transitions if tr.kind == "coarsen"]
         if coarse:
             r.compressed.update(zip(coarse, coarsen_all([r.compressed[f] for f in coarse], self.memory, self.grid, self.dtype)))
+        admitted = [tr.frame for tr in transitions if tr.kind == "admit"]
+        if admitted and self.memory.bank_level:
+            r.bank_packed.update(zip(admitted, self._pool_pages([leaving[f] for f in admitted], self.memory.bank_level)))
+            if self.pool.latent is not None:
+                r.bank_latent.update((f, self.pool.latent[leaving[f]].clone()) for f in admitted)
         for tr in transitions:
             f = tr.frame
             if tr.kind in ("compress", "coarsen"):
@@ -493,11 +508,26 @@ class PagedKVCache:
             elif tr.kind == "drop_compressed":
                 del r.compressed[f]
             elif tr.kind == "admit":
-                r.bank[f] = leaving[f]  # the frame's own page: no copy
+                if self.memory.bank_level:
+                    self.pool.decref(leaving[f])  # pooled above: the full-resolution page goes back
+                else:
+                    r.bank[f] = leaving[f]  # the frame's own page: no copy
             elif tr.kind == "evict":
-                self.pool.decref(r.bank.pop(f))
+                if self.memory.bank_level:
+                    del r.bank_packed[f]
+                    r.bank_latent.pop(f, None)
+                else:
+                    self.pool.decref(r.bank.pop(f))
             elif tr.kind == "release":
                 self.pool.decref(leaving[f])
+
+    def _pool_pages(self, pages: list[int], level: int) -> list[Packed]:
+        """The keys and values of ``pages`` pooled (and quantized) to ``level``, one ``Packed``
+        per page, in a few batched ops for all of them."""
+        idx = torch.tensor(pages, dtype=torch.long, device=self.device)
+        packed = compress_frames(self.pool.k[:, idx].transpose(0, 1), self.pool.v[:, idx].transpose(0, 1),
+                                 self.memory, self.grid)
+        return coarsen_all(packed, self.memory, self.grid, self.dtype) if level == 2 else packed
 
     def reset(self) -> None:
         for r in self._rows:
@@ -566,17 +596,30 @@ class PagedKVCache:
             mine.window = [(f, p) for (f, _), (_, p) in zip(mine.window, theirs.window)]
         self.derived.clear()
 
-    def replace_memory(self, bank: list[dict[int, int]], compressed: list[dict[int, Packed]]) -> None:
-        """Per row, new pages for bank frames and new packed tokens for compressed frames (the
-        same frames, re-written: e.g. under a new prompt); the caller's reference to each new page
-        passes to this cache. Used by the server's prompt-switch re-cache."""
-        for r, new_bank, new_packed in zip(self._rows, bank, compressed):
-            if set(new_bank) - set(r.bank) or set(new_packed) - set(r.compressed):
-                raise ValueError("the re-written memory holds frames this cache's tiers do not")
-            for f, page in new_bank.items():
-                self.pool.decref(r.bank[f])
-                r.bank[f] = page
-            r.compressed.update(new_packed)
+    def replace_memory(self, pages: list[dict[int, int]]) -> None:
+        """Per row, a new page for every frame its memory tiers hold (the same frames, re-written:
+        e.g. under a new prompt); each tier takes what it keeps from it -- the page itself (bank at
+        level 0), or tokens pooled again at the frame's level (compressed tier, pooled bank). The
+        caller's reference to each new page passes to this cache. Used by the server's
+        prompt-switch re-cache."""
+        for r, new in zip(self._rows, pages):
+            if set(new) != r.memory_frames():
+                raise ValueError(f"the re-written memory holds frames {sorted(new)}, this cache's tiers "
+                                 f"{sorted(r.memory_frames())}")
+            levels = dict(r.planner.compressed)
+            for lvl in (1, 2):
+                frames = [f for f in r.compressed if levels[f] == lvl]
+                if frames:
+                    r.compressed.update(zip(frames, self._pool_pages([new[f] for f in frames], lvl)))
+            if r.bank_packed:
+                frames = list(r.bank_packed)
+                r.bank_packed.update(zip(frames, self._pool_pages([new[f] for f in frames], self.memory.bank_level)))
+            for f, page in new.items():
+                if f in r.bank:
+                    self.pool.decref(r.bank[f])
+                    r.bank[f] = page
+                else:
+                    self.pool.decref(page)  # pooled above; the page itself is not kept
         self.derived.clear()
 
     # ------------------------------------------------------------------------------------ sizes
@@ -587,7 +630,8 @@ class PagedKVCache:
         for r in self._rows:
             out["sinks"] += page * len(r.sinks)
             out["window"] += page * len(r.window)
-            out["bank"] += page * len(r.bank)
+            out["bank"] += page * len(r.bank) + sum(p.nbytes for p in r.bank_packed.values())
+            out["bank"] += sum(x.nbytes for x in r.bank_latent.values())
             out["compressed"] += sum(p.nbytes for p in r.compressed.values())
         return out
 

@@ -94,7 +94,7 @@ def variants(memory: MemoryConfig) -> list[tuple[str, MemoryConfig]]:
     """The ablations of ``memory`` worth a row: no memory, each tier alone, both (those that exist)."""
     out = [("window", MemoryConfig())]
     if memory.compressed_frames and memory.bank_frames:
-        out.append(("compressed", replace(memory, bank_frames=0, retrieve_frames=0)))
+        out.append(("compressed", replace(memory, bank_frames=0, retrieve_frames=0, bank_level=0, render=False)))
         out.append(("bank", replace(memory, compressed_frames=0, fine_frames=0)))
         out.append(("both", memory))
     elif memory.compressed_frames:
@@ -106,7 +106,7 @@ def variants(memory: MemoryConfig) -> list[tuple[str, MemoryConfig]]:
 
 def _fields(m: MemoryConfig) -> dict:
     return {k: getattr(m, k) for k in ("compressed_frames", "fine_frames", "pool", "quantize", "bank_frames",
-                                       "retrieve_frames")}
+                                       "retrieve_frames", "bank_level")}
 
 
 def _tier_frames(m: MemoryConfig) -> tuple[int, int]:
@@ -140,13 +140,13 @@ def memory_plan_table(
             tiers = {
                 "sinks": sink_frames * full,
                 "window": window_frames * full,
-                "bank": m.bank_frames * full,
+                "bank": m.bank_frames * cost["bank_entry"],
                 "compressed": fine * l1 + coarse * l2,
             }
             kv = sum(tiers.values())
             # keys one chunk attends to; queries are the chunk's own T x chunk tokens either way
             window_keys = (sink_frames + window_frames + chunk_frames) * T
-            keys = window_keys + m.retrieve_frames * T + fine * T / m.pool**2 + coarse * T / m.pool**4
+            keys = window_keys + m.retrieve_frames * T / m.pool ** (2 * m.bank_level) + fine * T / m.pool**2 + coarse * T / m.pool**4
             gather = N * keys * n * 2 * bytes_per_value
             free = (gpu_gb - shape.weight_gb - shape.reserve_gb) * GB
             try:
@@ -241,7 +241,8 @@ def assumptions(rows: list[dict]) -> list[str]:
         f"layout: {lay['sink_frames']} sink + {lay['window_frames']} window latent frames, chunks of "
         f"{lay['chunk_frames']}; memory: compressed_frames={mem['compressed_frames']} (fine_frames="
         f"{mem['fine_frames']} at level 1, the rest at level 2), pool={mem['pool']}, {mem['quantize']}; "
-        f"bank_frames={mem['bank_frames']}, retrieve_frames={mem['retrieve_frames']}; 'compressed' and 'bank' are "
+        f"bank_frames={mem['bank_frames']}, retrieve_frames={mem['retrieve_frames']}, bank_level={mem['bank_level']}; "
+        "'compressed' and 'bank' are "
         "that config with the other tier off, 'window' has neither.",
         f"token grid of {first['tokens_per_frame']} tokens per latent frame (480x832, VAE 8x spatial, patch 2x2), "
         f"{first['latent_fps']:g} latent frames/s (16 fps, VAE 4x temporal); pages bf16, compressed tokens int8 + "

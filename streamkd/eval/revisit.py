@@ -39,7 +39,7 @@ Legend: T frames, H = W = frame size, M map size (torus), S = sinks + window.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -314,6 +314,49 @@ def _reference_frames(name: str, truth: np.ndarray, seed: int, prompt: str, traj
     return out
 
 
+def history_held(model, causal, traj: Trajectory, at: int | None = None, bytes_per_value: int = 2) -> dict:
+    """What the model's cache holds before the chunk of frame ``at`` (default: the first frame of
+    the way back), against the whole history: bytes of keys and values (plus the clean latents a
+    rendered memory keeps) of sinks, window and memory tiers -- replayed by the planner from the
+    trajectory's cameras, as the stream decides them -- over the bytes of every frame so far in
+    full-resolution pages. ``bytes_per_value``: the pages' dtype (2: fp16/bf16, how a GPU serves
+    them; int8 tiers are counted as stored)."""
+    import torch
+
+    from streamkd.cache.memory import MemoryConfig, MemoryPlanner, memory_bytes_per_frame
+
+    dit, mem = model.dit, causal.memory or MemoryConfig()
+    lh, lw = model.latent_hw
+    _, ph, pw = dit.cfg.patch_size
+    grid = (lh // ph, lw // pw)
+    cost = memory_bytes_per_frame(num_layers=dit.cfg.num_layers, tokens_per_frame=grid[0] * grid[1],
+                                  channels=dit.cfg.num_heads * dit.cfg.head_dim, cfg=mem, page_bytes_per_value=bytes_per_value)
+    full = cost["window_or_bank_frame"]
+    at = traj.return_start if at is None else at
+    q0 = at // causal.chunk_frames * causal.chunk_frames  # frames written before that chunk
+    sinks = min(causal.sink_frames, q0)
+    window = min(causal.window_frames, q0 - sinks)
+    held = (sinks + window) * full
+    bank = compressed = 0
+    if mem.enabled:
+        # a model without camera actions retrieves by key similarity, which needs its keys: count
+        # its bank full (an upper bound) and replay the compressed tier alone
+        camera = dit.action_shifts is not None
+        replay_mem = mem if camera else replace(mem, bank_frames=0, retrieve_frames=0, bank_level=0, render=False)
+        planner = MemoryPlanner(replay_mem, sink_frames=causal.sink_frames, window_frames=causal.window_frames,
+                                grid=grid, use_camera=camera)
+        cams = dit.camera_offsets(torch.from_numpy(traj.actions[None, :q0]), 1, q0)
+        planner.commit([tuple(c) for c in cams[0].tolist()] if camera else [(0, 0)] * q0)
+        past = max(q0 - causal.sink_frames - causal.window_frames, 0)
+        bank = len(planner.bank) if camera else min(mem.bank_frames, past)
+        compressed = list(planner.compressed)
+        held += bank * cost["bank_entry"] + sum(cost[f"compressed_level{lvl}"] for _, lvl in compressed)
+        if mem.render:  # every page, and every pooled bank entry, keeps its clean latent
+            held += (sinks + window + bank) * dit.cfg.out_channels * lh * lw * bytes_per_value
+    return {"frames": q0, "bank_entries": bank, "compressed_frames": len(compressed) if mem.enabled else 0,
+            "held_bytes": held, "history_bytes": q0 * full, "share": held / max(q0 * full, 1)}
+
+
 def evaluate_revisits(model, *, episodes: int, first_index: int, gaps: tuple[int, ...] = GAPS, sampling=None,
                       causal=None, oracle_max_gap: int | None = 8) -> dict:
     """Revisit consistency of a streaming model, with the reference rows; see the module docstring.
@@ -321,9 +364,11 @@ def evaluate_revisits(model, *, episodes: int, first_index: int, gaps: tuple[int
     ``episodes`` trajectories per gap, on held-out seeds from ``first_index``. The full-KV oracle
     row runs on the trajectories of gaps up to ``oracle_max_gap`` (None: none; its cost grows
     with the square of the episode length). Returns ``{row: {protocol: {"returning": {gap:
-    figures}, "in_window": figures}}}`` plus ``trajectories`` (seed, kind, gap, frames).
+    figures}, "in_window": figures}}}`` plus ``trajectories`` (seed, kind, gap, frames, the share of
+    the history's bytes the cache holds when the way back starts: ``history_held``) and
+    ``history_held`` (that share's mean per gap, when the way back starts and before its last chunk:
+    the history grows while the returning pixels are scored).
     """
-    from dataclasses import replace
 
     causal = causal or model.cfg.causal
     if causal is None:
@@ -362,8 +407,13 @@ def evaluate_revisits(model, *, episodes: int, first_index: int, gaps: tuple[int
     for row, by_protocol in acc.items():
         out[row] = {p: {"returning": {str(g): s.result() for g, s in ret.items()}, "in_window": win.result()}
                     for p, (ret, win) in by_protocol.items()}
-    out["trajectories"] = [{"seed": s, "kind": t.kind, "gap": t.gap, "frames": len(t.actions), "return_start": t.return_start}
-                           for s, _, t in trajs]
+    out["trajectories"] = [{"seed": s, "kind": t.kind, "gap": t.gap, "frames": len(t.actions), "return_start": t.return_start,
+                            "history_held": history_held(model, causal, t),
+                            "history_held_end": history_held(model, causal, t, at=len(t.actions) - 1)} for s, _, t in trajs]
+    out["history_held"] = {
+        str(g): [float(np.mean([t[key]["share"] for t in out["trajectories"] if t["gap"] == g]))
+                 for key in ("history_held", "history_held_end")]
+        for g in gaps}
     out["span_frames"] = span
     out["oracle_max_gap"] = oracle_max_gap
     return out

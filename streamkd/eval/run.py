@@ -327,10 +327,11 @@ def realism_table(results: dict[str, dict]) -> str:
 
 def revisit_table(results: dict[str, dict]) -> str:
     """Returning-pixel PSNR / SSIM by gap, observed and generated protocols, with the references."""
-    head = ["observed " + f"{g}x" for g in GAPS] + ["generated " + f"{g}x" for g in GAPS] + ["in-window (generated)"]
+    head = (["observed " + f"{g}x" for g in GAPS] + ["generated " + f"{g}x" for g in GAPS] + ["in-window (generated)"]
+            + ["history bytes held " + " / ".join(f"{g}x" for g in GAPS) + " (way back: first - last chunk)"])
     lines = ["| revisits: PSNR dB / SSIM | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
 
-    def row(label: str, rv: dict) -> str:
+    def row(label: str, rv: dict, held: dict | None = None) -> str:
         cells = []
         for protocol in ("observed", "generated"):
             for g in GAPS:
@@ -338,13 +339,15 @@ def revisit_table(results: dict[str, dict]) -> str:
                 cells.append("–" if fig["psnr"] is None else f"{fig['psnr']:.2f} / {fig['ssim']:.2f}")
         win = rv["generated"]["in_window"]
         cells.append("–" if win["psnr"] is None else f"{win['psnr']:.2f} / {win['ssim']:.2f}")
+        cells.append("–" if not held else " / ".join(
+            f"{100 * held[str(g)][0]:.0f}-{100 * held[str(g)][1]:.0f}%" if str(g) in held else "–" for g in GAPS))
         return f"| {label} | " + " | ".join(cells) + " |"
 
     first = None
     for name, r in results.items():
         if "revisit" in r:
             first = first or r["revisit"]
-            lines.append(row(name, r["revisit"]["model"]))
+            lines.append(row(name, r["revisit"]["model"], r["revisit"].get("history_held")))
             lines.append(row(f"{name}: full-KV oracle", r["revisit"]["full_kv_oracle"]))
     if first is not None:
         for ref in ("floor_mean_colour", "floor_other_place", "ceiling"):
