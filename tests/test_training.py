@@ -124,3 +124,26 @@ def test_qk_norm_gains_train_at_their_own_rate(tmp_path: Path) -> None:
     assert {id(p) for p in groups[1]["params"]} == qk and len(qk) == 2 * 2 * 2  # 2 blocks x (self, cross) x (q, k)
     trainer.train(progress=False)
     assert groups[1]["lr"] == pytest.approx(10.0 * groups[0]["lr"]) and groups[0]["lr"] == pytest.approx(trainer._lr(1))
+
+
+def test_joint_image_training_adds_a_text_to_image_term(tmp_path: Path) -> None:
+    """image_batch: each step also fits single frames of other places, made from the prompt alone.
+    The step's loss is the clips' plus image_weight times the images' (logged beside it), the same
+    random draws serve the clips either way, and resuming stays exact."""
+    with_images = TeacherTrainer(tiny_config(tmp_path / "images", image_batch=3, max_steps=4))
+    batch = next(with_images._batches(0, 1))
+    images, clips = batch["images"], batch
+    assert images["frames"].shape[:2] == (3, 1) and not set(images["seed"]) & set(clips["seed"])
+    from streamkd.data.toyworld import render
+    for seed, prompt, frame in zip(images["seed"], images["prompt"], images["frames"]):
+        assert torch.equal(frame[0], torch.from_numpy(render(seed, prompt, [0], 1, with_images.cfg.model.world)[0]))
+    losses = with_images.train(progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "images" / "losses.jsonl").read_text().splitlines()]
+    off = TeacherTrainer(tiny_config(tmp_path / "off", image_batch=3, image_weight=0.0, max_steps=1)).train(progress=False)
+    assert logged[0]["image_loss"] > 0
+    assert losses[0] == pytest.approx(off[0] + logged[0]["image_loss"], rel=1e-5)  # same clip draws, + the image term
+    first = TeacherTrainer(tiny_config(tmp_path / "split", image_batch=3, max_steps=4)).train(stop_after=2, progress=False)
+    rest = TeacherTrainer(tiny_config(tmp_path / "split", image_batch=3, max_steps=4)).train(progress=False)
+    assert first + rest == losses
+    with pytest.raises(ValueError, match="image_batch renders toy-world frames; with data"):
+        tiny_config(tmp_path / "bad", image_batch=2, data=str(tmp_path))

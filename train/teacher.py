@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -105,6 +106,16 @@ class TeacherTrainConfig:
     Chen et al. 2024) instead of one level for all frames. Nearly clean neighbours then teach the
     local transition -- shift the previous frame as the action says -- which a clip-wide level
     only reveals through the whole chain back to frame 0."""
+    image_batch: int = 0
+    """Joint image-video training: this many single frames per step beside the clips, each made
+    from its prompt alone (text-to-image, the same flow-matching loss on a one-frame clip), from
+    as many independent places. A clip's frames show one place; the spatial prior -- the biome's
+    palette and texture, the landmarks' colour, shape and density -- is what unseen regions are
+    painted from, and one-frame samples teach it from ~``image_batch`` places per step at a
+    fraction of a clip's cost (how video foundation models train on images beside videos).
+    Toy-world data only (``data: null``); 0: off."""
+    image_weight: float = 1.0
+    """Weight of the image loss beside the clips' (each is its own batch's mean)."""
     timestep_shift: float = 3.0
     """Training noise levels are shift(u), u ~ U(0, 1): shift > 1 trains high noise more often, where
     the model must carry content over from the first frame instead of denoising locally."""
@@ -149,6 +160,11 @@ class TeacherTrainConfig:
             if not self.add_actions:
                 raise ValueError("action_names names the actions add_actions creates; set add_actions too (or drop action_names)")
             check_action_names(self.action_names, self.add_actions, "action_names")
+        if self.image_batch < 0 or self.image_weight < 0:
+            raise ValueError(f"image_batch and image_weight must be >= 0, got {self.image_batch}, {self.image_weight}")
+        if self.image_batch and self.data is not None:
+            raise ValueError("image_batch renders toy-world frames; with data (videos or shards) set image_batch: 0 "
+                             "(joint image training from video frames is not wired)")
         if self.num_workers < 0 or self.prefetch_factor < 1:
             raise ValueError(f"num_workers must be >= 0 and prefetch_factor >= 1, got {self.num_workers}, "
                              f"{self.prefetch_factor}; use num_workers=0 to load in the training process")
@@ -263,8 +279,11 @@ class TeacherTrainer:
             grad_clip=cfg.grad_clip, parallel=cfg.parallel, micro_batch=self.dist.per_rank(cfg.batch_size),
             deepspeed=cfg.deepspeed,
         )
+        self.images = None
         if cfg.data is None:
             self.data = ToyClipDataset(cfg.model.world, cfg.model.horizon_frames, base_seed=cfg.seed)
+            if cfg.image_batch:  # other training places than the clips' (seeds hashed from another base)
+                self.images = ToyClipDataset(cfg.model.world, 1, base_seed=cfg.seed + 1)
         else:  # shards' prompt embeddings serve a frozen text encoder (Wan's UMT5), not one that trains (the toy's)
             parts = ("codec",) if trains_text_encoder(self.model) else ("codec", "text")
             self.data = open_training_data(cfg.data, self.model, check=parts)
@@ -336,12 +355,23 @@ class TeacherTrainer:
         self.step = state["step"]
 
     # ---------------------------------------------------------------------------------- loop
+    @functools.cached_property
+    def _image_cfg(self) -> TeacherTrainConfig:
+        """The image loss's settings: its own batch, every frame made from the prompt."""
+        return dataclasses.replace(self.cfg, batch_size=self.cfg.image_batch, i2v_prob=0.0, diffusion_forcing_prob=0.0)
+
     def _batches(self, start: int, end: int):
-        """Batches of steps start .. end - 1 (item k of step s: sample s * batch_size + k)."""
+        """Batches of steps start .. end - 1 (item k of step s: sample s * batch_size + k), with
+        the step's single frames under ``"images"`` when training on images too."""
         cfg = self.cfg
         num_frames = pixel_frames(self.model.horizon_frames, self.model.codec.temporal_factor)
-        return step_batches(self.data, cfg.batch_size, start, end, num_frames, self.model.num_actions,
-                            cfg.num_workers, cfg.prefetch_factor, rows=self.dist.rows(cfg.batch_size))
+        clips = step_batches(self.data, cfg.batch_size, start, end, num_frames, self.model.num_actions,
+                             cfg.num_workers, cfg.prefetch_factor, rows=self.dist.rows(cfg.batch_size))
+        if self.images is None:
+            return clips
+        images = step_batches(self.images, cfg.image_batch, start, end, 1, self.model.num_actions,
+                              cfg.num_workers, cfg.prefetch_factor, rows=self.dist.rows(cfg.image_batch))
+        return ({**batch, "images": im} for batch, im in zip(clips, images))
 
     def _lr(self, step: int) -> float:
         cfg = self.cfg
@@ -369,6 +399,12 @@ class TeacherTrainer:
                     group["lr"] = self._lr(self.step) * group["lr_mult"]
                 with cfg.runtime.autocast():
                     loss = flow_matching_loss(self.model, batch, cfg, self.gen, self.dist.rows(cfg.batch_size), self.null_context)
+                    image_value = None
+                    if "images" in batch:
+                        image_loss = flow_matching_loss(self.model, batch["images"], self._image_cfg, self.gen,
+                                                        self.dist.rows(cfg.image_batch), self.null_context)
+                        image_value = self.dist.mean(image_loss)
+                        loss = loss + cfg.image_weight * image_loss
                 loss_value = self.dist.mean(loss)
                 if not math.isfinite(loss_value):
                     raise NonFiniteLossError(
@@ -386,6 +422,7 @@ class TeacherTrainer:
                     log.record(self.step, {
                         "loss": loss_value, "grad_norm": float(grad_norm), "lr": self._lr(self.step - 1),
                         "samples_per_s": cfg.batch_size * len(losses) / step_time, "data_share": data_time / step_time,
+                        **({} if image_value is None else {"image_loss": image_value}),
                     })
                 if self.step % cfg.ckpt_every == 0 or self.step == end:
                     self.save()
