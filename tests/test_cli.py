@@ -152,6 +152,9 @@ def test_eval_writes_json_table_and_plot(checkpoints, tmp_path: Path) -> None:
                 "t2v_prompt_accuracy"):
         assert isinstance(result[key], float)
     assert set(result["drift_psnr"]) == {"1x", "10x"} and len(result["psnr_curve"]) == 10 * 6 - 1
+    # text-to-video realism reads every pixel of the episode's 8 frames
+    assert result["t2v_realism"]["episodes"] == 1 and result["t2v_realism"]["masked_pixels"] == 8 * 32 * 32
+    assert "(text-to-video, all pixels)" in md.read_text()
     assert set(result["drift_untethered"]["model"]) == {"2x", "3x"} and result["drift_untethered"]["frames"] == 18
     assert set(result["revisit"]) >= {"model", "full_kv_oracle", "floor_mean_colour", "ceiling"}
     # the oracle ran on gap 2 only (--oracle-max-gap 2)

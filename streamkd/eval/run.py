@@ -214,15 +214,20 @@ def _untethered(run, model: WorldModel, multiples: tuple[int, ...], episodes: in
 
 def _text_to_video(model: WorldModel, classifier: PromptClassifier, episodes: int, first_index: int, frames: int,
                    sampling, causal) -> dict:
-    """Text-to-video: no first frame; the biome must come from the prompt alone."""
+    """Text-to-video: no first frame; the biome must come from the prompt alone. Realism is
+    measured on every pixel (nothing was shown), against the episode's ground truth: the whole
+    frame is the model's picture of the prompt's world -- palette, texture, landmarks."""
     world = model.cfg.world
-    acc = []
+    acc, realism = [], RealismAccumulator()
     for i in range(first_index, first_index + episodes):
         ep = heldout_episode(i, frames, world)
         chunks = generate_frames(model, prompt=ep.prompt, seed=ep.seed, actions=ep.actions.tolist(), first_frame=None,
                                  sampling=sampling, causal=causal)
-        acc.append(classifier.accuracy(np.concatenate(list(chunks)), ep.prompt))
-    return {"t2v_prompt_accuracy": float(np.mean(acc)), "t2v_episodes": episodes, "t2v_chance": 1.0 / len(classifier.biomes)}
+        out = np.concatenate(list(chunks))
+        acc.append(classifier.accuracy(out, ep.prompt))
+        realism.add(out, ep.frames, np.ones(out.shape[:3], dtype=bool), ep.prompt)
+    return {"t2v_prompt_accuracy": float(np.mean(acc)), "t2v_episodes": episodes, "t2v_chance": 1.0 / len(classifier.biomes),
+            "t2v_realism": realism.result()}
 
 
 def _drift(run, model: WorldModel, multiples: tuple[int, ...], episodes: int, seed: int) -> dict:
@@ -318,6 +323,8 @@ def realism_table(results: dict[str, dict]) -> str:
     for name, r in results.items():
         if "realism" in r:
             lines.append(f"| {name} | " + " | ".join(_f(r["realism"].get(c)) for c in cols) + " |")
+        if "t2v_realism" in r:  # every pixel of text-to-video frames (nothing shown)
+            lines.append(f"| {name} (text-to-video, all pixels) | " + " | ".join(_f(r["t2v_realism"].get(c)) for c in cols) + " |")
     first = next((r for r in results.values() if "realism_references" in r), None)
     if first is not None:
         for ref, figures in first["realism_references"].items():
