@@ -77,7 +77,12 @@ def test_cli_memory_plan_writes_json(tmp_path: Path, capsys) -> None:
     assert main(["bench", "memory-plan", "--json", str(out)]) == 0
     assert "| Wan2.1-T2V-14B | both |" in capsys.readouterr().out
     data = json.loads(out.read_text())
-    assert len(data["rows"]) == 8 and data["assumptions"]
+    assert len(data["rows"]) == 10 and data["assumptions"]  # 2 models x (window, compressed, bank, both, bank pooled)
+    rows = {(r["model"], r["variant"]): r for r in data["rows"]}
+    full, pooled = rows["Wan2.1-T2V-1.3B", "bank"], rows["Wan2.1-T2V-1.3B", "bank pooled"]
+    assert pooled["tier_bytes"]["bank"] == full["tier_bytes"]["bank"] * pooled["bytes_per_frame"]["bank_entry"] / \
+        full["bytes_per_frame"]["window_or_bank_frame"]
+    assert pooled["sessions_per_gpu"] > 3 * full["sessions_per_gpu"]
 
 
 # ---------------------------------------------------------------------------------------- bench

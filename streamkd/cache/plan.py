@@ -91,7 +91,8 @@ DEFAULT_MEMORY = MemoryConfig(compressed_frames=48, fine_frames=16, pool=2, quan
 
 
 def variants(memory: MemoryConfig) -> list[tuple[str, MemoryConfig]]:
-    """The ablations of ``memory`` worth a row: no memory, each tier alone, both (those that exist)."""
+    """The ablations of ``memory`` worth a row: no memory, each tier alone, both (those that exist),
+    and a full-resolution bank's entries pooled (``bank_level`` 1)."""
     out = [("window", MemoryConfig())]
     if memory.compressed_frames and memory.bank_frames:
         out.append(("compressed", replace(memory, bank_frames=0, retrieve_frames=0, bank_level=0, render=False)))
@@ -101,6 +102,8 @@ def variants(memory: MemoryConfig) -> list[tuple[str, MemoryConfig]]:
         out.append(("compressed", memory))
     elif memory.bank_frames:
         out.append(("bank", memory))
+    if memory.bank_frames and not memory.bank_level:  # what the same bank costs with pooled entries
+        out.append(("bank pooled", replace(memory, compressed_frames=0, fine_frames=0, bank_level=1)))
     return out
 
 
@@ -243,7 +246,9 @@ def assumptions(rows: list[dict]) -> list[str]:
         f"{mem['fine_frames']} at level 1, the rest at level 2), pool={mem['pool']}, {mem['quantize']}; "
         f"bank_frames={mem['bank_frames']}, retrieve_frames={mem['retrieve_frames']}, bank_level={mem['bank_level']}; "
         "'compressed' and 'bank' are "
-        "that config with the other tier off, 'window' has neither.",
+        "that config with the other tier off, 'window' has neither; 'bank pooled' is the bank with its entries kept "
+        "at the compressed tier's level 1 (memory.bank_level = 1; a rendered bank's kept latents, 0.2 MB per frame, "
+        "not counted).",
         f"token grid of {first['tokens_per_frame']} tokens per latent frame (480x832, VAE 8x spatial, patch 2x2), "
         f"{first['latent_fps']:g} latent frames/s (16 fps, VAE 4x temporal); pages bf16, compressed tokens int8 + "
         "fp16 scales (streamkd.cache.memory.memory_bytes_per_frame); level-2 token counts T/pool^4 even when "
