@@ -606,7 +606,7 @@ class PagedKVCache:
             if set(new) != r.memory_frames():
                 raise ValueError(f"the re-written memory holds frames {sorted(new)}, this cache's tiers "
                                  f"{sorted(r.memory_frames())}")
-            levels = dict(r.planner.compressed)
+            levels = dict(r.planner.compressed) if r.planner is not None else {}
             for lvl in (1, 2):
                 frames = [f for f in r.compressed if levels[f] == lvl]
                 if frames:
