@@ -72,7 +72,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -160,6 +160,10 @@ class MemoryConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.compressed_frames or self.bank_frames)
+
+    def without_bank(self) -> MemoryConfig:
+        """This memory with the bank off (and with it what only a bank has: its level, rendering)."""
+        return replace(self, bank_frames=0, retrieve_frames=0, bank_level=0, render=False)
 
     def check(self, grid_h: int, grid_w: int, chunk_frames: int) -> None:
         """Raise when this memory cannot work with a model's token grid and chunking."""

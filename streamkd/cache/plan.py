@@ -95,7 +95,7 @@ def variants(memory: MemoryConfig) -> list[tuple[str, MemoryConfig]]:
     and a full-resolution bank's entries pooled (``bank_level`` 1)."""
     out = [("window", MemoryConfig())]
     if memory.compressed_frames and memory.bank_frames:
-        out.append(("compressed", replace(memory, bank_frames=0, retrieve_frames=0, bank_level=0, render=False)))
+        out.append(("compressed", memory.without_bank()))
         out.append(("bank", replace(memory, compressed_frames=0, fine_frames=0)))
         out.append(("both", memory))
     elif memory.compressed_frames:

@@ -342,7 +342,7 @@ def history_held(model, causal, traj: Trajectory, at: int | None = None, bytes_p
         # a model without camera actions retrieves by key similarity, which needs its keys: count
         # its bank full (an upper bound) and replay the compressed tier alone
         camera = dit.action_shifts is not None
-        replay_mem = mem if camera else replace(mem, bank_frames=0, retrieve_frames=0, bank_level=0, render=False)
+        replay_mem = mem if camera else mem.without_bank()
         planner = MemoryPlanner(replay_mem, sink_frames=causal.sink_frames, window_frames=causal.window_frames,
                                 grid=grid, use_camera=camera)
         cams = dit.camera_offsets(torch.from_numpy(traj.actions[None, :q0]), 1, q0)
