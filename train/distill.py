@@ -491,7 +491,7 @@ class DistillTrainer:
             if cfg.gan_weight > 0:
                 real = self._real_window(batch, num_f).to(x0)
                 s_gan, noise_gan = self._gan_levels_and_noise(x0.shape, first_given)
-                real_noise = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=self.gen)[rows].to(x0)
+                real_noise = self._noise(x0.shape).to(x0)
                 args = (self.critic, self.critic.gan_head, self.gan_layer)
                 loss_d = gan.discriminator_loss(
                     discriminate(*args, real, s_gan, real_noise, critic_ctx, window_actions, anchor, image),
@@ -589,11 +589,14 @@ class DistillTrainer:
 
     def _levels_and_noise(self, shape: torch.Size, num_f: int, first_given: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """DMD / critic noise levels and noise, drawn for the global batch; this rank's rows."""
-        size = self.cfg.batch_size
-        s_BF = sample_levels(size, num_f, self.gen, self.cfg.dmd_shift, self.cfg.dmd_s_min, self.cfg.dmd_s_max, first_given)
-        noise = torch.randn((size, *shape[1:]), generator=self.gen)
-        # drawn on the host generator (every rank consumes it alike), used on the device
-        return s_BF[self.rows].to(self.device), noise[self.rows].to(self.device)
+        s_BF = sample_levels(self.cfg.batch_size, num_f, self.gen, self.cfg.dmd_shift, self.cfg.dmd_s_min,
+                             self.cfg.dmd_s_max, first_given)
+        return s_BF[self.rows].to(self.device), self._noise(shape)
+
+    def _noise(self, shape: torch.Size) -> torch.Tensor:
+        """Noise of ``shape``'s clips drawn for the global batch on the host generator (every rank
+        consumes it alike); this rank's rows, on the device."""
+        return torch.randn((self.cfg.batch_size, *shape[1:]), generator=self.gen)[self.rows].to(self.device)
 
     def _gan_levels_and_noise(self, shape: torch.Size, first_given: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """GAN term noise levels (``gan_s_max``) and noise, drawn for the global batch; this rank's rows."""
@@ -602,8 +605,7 @@ class DistillTrainer:
         s_BF = s[:, None].expand(size, num_f).clone()
         if first_given:
             s_BF[:, 0] = 0.0
-        noise = torch.randn((size, *shape[1:]), generator=self.gen)
-        return s_BF[self.rows].to(self.device), noise[self.rows].to(self.device)
+        return s_BF[self.rows].to(self.device), self._noise(shape)
 
     def _apply(self, loss: torch.Tensor, opt: distributed.Optimized, term: str) -> float:
         """One optimizer step on ``loss`` (this rank's share); returns the global-batch loss."""
